@@ -1,0 +1,1 @@
+"""Datasets, on-disk formats, paired transforms and the synthetic data generator."""

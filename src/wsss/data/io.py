@@ -1,0 +1,161 @@
+"""Reading and writing the on-disk formats: RGB images, label PNGs and saved maps.
+
+Every reader raises :class:`wsss.errors.DataError` naming the file on a missing, corrupt or
+inconsistent input; every writer is atomic (write to a temporary file, then rename), so a job that is
+killed never leaves a half-written output that a resumed job would mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+
+IGNORE_INDEX = 255
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map as an ``(n, 3)`` uint8 array (index 255 is the void colour)."""
+    palette = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image as an ``(H, W, 3)`` uint8 RGB array."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "image file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(path, f"cannot decode image ({exc})") from exc
+
+
+def read_mask(path: str | Path, num_classes: int | None = None) -> np.ndarray:
+    """Read a label PNG (palette or grey) as an ``(H, W)`` uint8 array of class indices.
+
+    With ``num_classes`` given, any value other than ``0..num_classes-1`` and 255 is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "mask file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("P", "L", "I", "I;16"):
+                raise DataError(path, f"mask must be a palette or greyscale PNG, got mode {im.mode}")
+            mask = np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(path, f"cannot decode mask ({exc})") from exc
+    if mask.ndim != 2:
+        raise DataError(path, f"mask must be 2-D, got shape {mask.shape}")
+    if mask.max(initial=0) > 255:
+        raise DataError(path, f"mask values exceed 255 (max {int(mask.max())})")
+    mask = mask.astype(np.uint8)
+    if num_classes is not None:
+        check_labels(mask, num_classes, path)
+    return mask
+
+
+def check_labels(mask: np.ndarray, num_classes: int, path: str | Path | None = None) -> None:
+    """Raise :class:`DataError` if ``mask`` holds a value outside ``0..num_classes-1`` and 255."""
+    values = np.unique(mask)
+    bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
+    if bad.size:
+        raise DataError(
+            path, f"mask holds labels {bad.tolist()} outside the {num_classes} classes (and 255 = ignore)"
+        )
+
+
+def write_mask(path: str | Path, mask: np.ndarray) -> None:
+    """Write an ``(H, W)`` label array as a VOC-palette PNG, atomically."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    if mask.min(initial=0) < 0 or mask.max(initial=0) > 255:
+        raise ValueError("mask values must lie in 0..255")
+    im = Image.fromarray(mask.astype(np.uint8), mode="P")
+    im.putpalette(voc_palette().reshape(-1).tolist())
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def save_maps(path: str | Path, maps: np.ndarray, classes: np.ndarray | list[int]) -> None:
+    """Save per-class localisation maps as ``.npz``: ``maps`` (K, H, W) float16 and ``classes`` (K,).
+
+    ``classes`` are dataset label indices (for VOC, 1..20; 0 is the background and is never stored).
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
+    if maps.ndim != 3 or maps.shape[0] != classes.shape[0]:
+        raise ValueError(f"maps {maps.shape} and classes {classes.shape} disagree")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, maps=maps.astype(np.float16), classes=classes)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def load_maps(path: str | Path, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load maps saved by :func:`save_maps` as ``(maps float32 (K,H,W), classes int64 (K,))``.
+
+    With ``num_classes`` given, a class index outside ``0..num_classes-1`` is an error (a maps file made
+    for another class set).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "maps file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "maps" not in z or "classes" not in z:
+                raise DataError(path, f"maps file must hold 'maps' and 'classes', found {sorted(z.files)}")
+            maps = z["maps"].astype(np.float32)
+            classes = z["classes"].astype(np.int64)
+    except (OSError, ValueError, EOFError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(path, f"cannot read maps file ({exc})") from exc
+    if maps.ndim != 3 or maps.shape[0] != classes.shape[0]:
+        raise DataError(path, f"maps {maps.shape} and classes {classes.shape} disagree")
+    if num_classes is not None and classes.size and (classes.min() < 0 or classes.max() >= num_classes):
+        raise DataError(path, f"maps file holds classes {classes.tolist()}, outside the dataset's {num_classes}")
+    return maps, classes
