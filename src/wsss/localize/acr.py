@@ -1,0 +1,41 @@
+"""ACR's class-wise localisation (Sun et al., arXiv 2308.04321) from class-token gradients.
+
+g = ReLU(class-token row of sum_{l >= start_layer} mean_h ReLU(G_l)) with G_l = d score / d A_l (the gradient alone,
+no product with A), then refined by R = sum over ALL blocks of the head-mean patch-to-patch attention: g' = R g.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Localizer, ScoreFn, batched_grads, class_logits, head_mean_patch_affinity
+from .getam import class_rows
+from .rollout import query_rows
+
+
+class ACR(Localizer):
+    """Class-token-gradient maps over the last blocks (default depth-2, i.e. 10 of 12) plus affinity refinement."""
+
+    needs_grad = True
+
+    def __init__(self, model: nn.Module, score_fn: ScoreFn = class_logits, start_layer: int | None = None,
+                 refine: bool = True):
+        super().__init__(model, score_fn)
+        self.start_layer = model.depth - 2 if start_layer is None else start_layer % model.depth
+        self.refine = refine
+
+    def token_maps(self, images: Tensor, classes: Tensor) -> Tensor:
+        out = self.model(images, attn=True, grad_from_block=self.start_layer)
+        attn = out.attn[self.start_layer :]
+        grads = batched_grads(self.scores(out, classes), attn)
+        rows = query_rows(self.model, classes)
+        total = 0.0
+        for a, g in zip(attn, grads):
+            _, g_row = class_rows(a, g, rows)
+            total = total + g_row.relu().mean(dim=2)
+        g = total[:, :, out.num_prefix :].relu()  # (B, K, N)
+        if self.refine:
+            affinity = head_mean_patch_affinity(out.attn, out.num_prefix).detach()
+            g = torch.einsum("bmn,bkn->bkm", affinity, g)
+        return g.unflatten(2, out.grid)

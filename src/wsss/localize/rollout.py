@@ -1,0 +1,32 @@
+"""Attention rollout (Abnar & Zuidema): head-mean attention plus identity, row-normalised, multiplied through."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Localizer
+
+
+class Rollout(Localizer):
+    """Class-agnostic: every class of an image gets its class-token row (MCT heads: the class's own token)."""
+
+    def token_maps(self, images: Tensor, classes: Tensor) -> Tensor:
+        out = self.model(images, attn=True)
+        t = out.attn[0].shape[-1]
+        eye = torch.eye(t, device=images.device)
+        rollout = eye.expand(images.shape[0], t, t)
+        for a in out.attn:
+            step = a.mean(dim=1) + eye
+            step = step / step.sum(dim=-1, keepdim=True)
+            rollout = step @ rollout
+        rows = query_rows(self.model, classes)
+        picked = rollout[torch.arange(rollout.shape[0])[:, None], rows]  # (B, K, T)
+        return picked[:, :, out.num_prefix :].unflatten(2, out.grid)
+
+
+def query_rows(model, classes: Tensor) -> Tensor:
+    """The token whose attention row localises each class: the class token (one per class for MCT heads)."""
+    if getattr(model, "head_type", None) == "mct":
+        return classes.clamp(min=0)
+    return torch.zeros_like(classes)

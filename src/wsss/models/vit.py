@@ -1,0 +1,332 @@
+"""Vision Transformer / DeiT with timm's parameter names, so existing checkpoints load with ``strict=True``.
+
+The forward pass can expose, per block, the post-softmax attention, the pre-softmax attention logits and the
+output tokens. They are returned as ordinary tensors of the autograd graph, so a localiser obtains gradients with
+respect to them through ``torch.autograd.grad`` with no hooks and no global state. With nothing requested the
+attention uses ``scaled_dot_product_attention`` (the fast path).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+HEAD_TYPES = ("token", "gap", "conv", "mct")
+
+
+@dataclass
+class ViTOutput:
+    """Everything one forward pass returns.
+
+    ``attn[l]``/``attn_logits[l]`` are ``(B, heads, T, T)`` for block ``l``; ``hidden[l]`` is the output of block ``l``
+    (``(B, T, D)``, before the final norm). ``cam`` is the conv head's map ``(B, K, h, w)`` for ``conv``/``mct`` heads.
+    """
+
+    logits: Tensor
+    tokens: Tensor
+    grid: tuple[int, int]
+    num_prefix: int
+    patch_logits: Tensor | None = None
+    cam: Tensor | None = None
+    attn: list[Tensor] = field(default_factory=list)
+    attn_logits: list[Tensor] = field(default_factory=list)
+    hidden: list[Tensor] = field(default_factory=list)
+
+    @property
+    def patch_tokens(self) -> Tensor:
+        """Patch tokens after the final norm, ``(B, N, D)``."""
+        return self.tokens[:, self.num_prefix :]
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {p}; resize or pad it first")
+        x = self.proj(x)
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2), grid
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, capture: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if capture:
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            attn = logits.softmax(dim=-1)
+            out = self.attn_drop(attn) @ v
+        else:
+            logits = attn = None
+            drop = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        out = out.transpose(1, 2).reshape(b, t, d)
+        return self.proj_drop(self.proj(out)), attn, logits
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the residual branch per sample while training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x: Tensor, capture: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        y, attn, logits = self.attn(self.norm1(x), capture)
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, attn, logits
+
+
+class VisionTransformer(nn.Module):
+    """ViT/DeiT backbone with one of four classification heads.
+
+    Heads (``head_type``):
+      - ``token``: a linear layer on the class token (distilled DeiT averages its two prefix-token heads);
+      - ``gap``: a linear layer on the mean of the patch tokens;
+      - ``conv``: a 1x1 convolution on the patch map (a CAM head) pooled by ``pool`` = ``avg`` or ``max``;
+      - ``mct``: MCTformer-style, one class token per class; the logits are each class token's channel mean and a
+        3x3 conv patch head gives a second set of logits and the CAM.
+    """
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, distilled: bool = False, head_type: str = "token",
+                 pool: str = "avg", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, eps: float = 1e-6):
+        super().__init__()
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {head_type!r}")
+        if pool not in ("avg", "max"):
+            raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
+        if head_type == "mct" and distilled:
+            raise ValueError("the mct head replaces the class token and cannot be combined with distillation")
+        if head_type == "mct" and num_classes < 1:
+            raise ValueError("the mct head needs num_classes >= 1")
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.patch_size = patch_size
+        self.base_grid = (size[0] // patch_size, size[1] // patch_size)
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.head_type = head_type
+        self.pool = pool
+        self.distilled = distilled
+        self.num_prefix = num_classes if head_type == "mct" else (2 if distilled else 1)
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, num_classes if head_type == "mct" else 1, embed_dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
+        n_patches = self.base_grid[0] * self.base_grid[1]
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_patches + self.num_prefix, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], eps)
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.head = self._make_head(num_classes)
+        self.head_dist = nn.Linear(embed_dim, num_classes) if distilled and num_classes > 0 else None
+        self._init_weights()
+
+    def _make_head(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        if self.head_type == "conv":
+            return nn.Conv2d(self.embed_dim, num_classes, kernel_size=1)
+        if self.head_type == "mct":
+            return nn.Conv2d(self.embed_dim, num_classes, kernel_size=3, padding=1)
+        return nn.Linear(self.embed_dim, num_classes)
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head(s) with freshly initialised ones for ``num_classes`` outputs."""
+        if self.head_type == "mct" and num_classes != self.num_classes:
+            raise ValueError("the mct head has one class token per class; build a new model to change the class count")
+        self.num_classes = num_classes
+        self.head = self._make_head(num_classes)
+        if self.distilled:
+            self.head_dist = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else None
+        for m in (self.head, self.head_dist):
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def interpolate_pos_embed(self, grid: tuple[int, int]) -> Tensor:
+        """Position embeddings for a ``grid`` of patches, resized bicubically from the stored grid."""
+        if grid == self.base_grid:
+            return self.pos_embed
+        prefix, patches = self.pos_embed[:, : self.num_prefix], self.pos_embed[:, self.num_prefix :]
+        gh, gw = self.base_grid
+        patches = patches.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False, antialias=True)
+        return torch.cat([prefix, patches.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+    def forward(self, x: Tensor, *, attn: bool = False, attn_logits: bool = False, hidden: bool = False,
+                grad_from_block: int = 0) -> ViTOutput:
+        """Run the network.
+
+        Args:
+            x: images ``(B, C, H, W)``, H and W multiples of the patch size (any aspect ratio).
+            attn: return every block's post-softmax attention.
+            attn_logits: return every block's pre-softmax attention logits ``q k^T / sqrt(d)``.
+            hidden: return every block's output tokens.
+            grad_from_block: blocks below this index run without building a graph, so a backward pass
+                stops there (the localisers only read later blocks).
+        """
+        capture = attn or attn_logits
+        tokens, grid = self.patch_embed(x)
+        b = tokens.shape[0]
+        prefix = [self.cls_token.expand(b, -1, -1)]
+        if self.dist_token is not None:
+            prefix.append(self.dist_token.expand(b, -1, -1))
+        tokens = self.pos_drop(torch.cat(prefix + [tokens], dim=1) + self.interpolate_pos_embed(grid))
+        out = ViTOutput(logits=tokens, tokens=tokens, grid=grid, num_prefix=self.num_prefix)
+        for i, blk in enumerate(self.blocks):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= grad_from_block):
+                tokens, a, lg = blk(tokens, capture)
+            if attn:
+                out.attn.append(a)
+            if attn_logits:
+                out.attn_logits.append(lg)
+            if hidden:
+                out.hidden.append(tokens)
+        out.tokens = self.norm(tokens)
+        self._classify(out)
+        return out
+
+    def _classify(self, out: ViTOutput) -> None:
+        tokens, p = out.tokens, self.num_prefix
+        if self.num_classes <= 0:
+            out.logits = tokens[:, 0]
+            return
+        if self.head_type == "token":
+            logits = self.head(tokens[:, 0])
+            if self.head_dist is not None:
+                logits = (logits + self.head_dist(tokens[:, 1])) / 2
+            out.logits = logits
+        elif self.head_type == "gap":
+            out.logits = self.head(tokens[:, p:].mean(dim=1))
+        else:
+            patch_map = tokens[:, p:].transpose(1, 2).reshape(tokens.shape[0], -1, *out.grid)
+            out.cam = self.head(patch_map)
+            pooled = out.cam.amax(dim=(2, 3)) if self.pool == "max" else out.cam.mean(dim=(2, 3))
+            if self.head_type == "conv":
+                out.logits = pooled
+            else:  # mct: class-token logits, patch-head logits kept alongside
+                out.logits = tokens[:, :p].mean(dim=-1)
+                out.patch_logits = pooled
+
+    def class_weights(self) -> tuple[Tensor, Tensor | None]:
+        """The classifier as a ``(K, D)`` weight and ``(K,)`` bias applied to (normed) patch tokens for a CAM."""
+        if isinstance(self.head, nn.Linear):
+            return self.head.weight, self.head.bias
+        if isinstance(self.head, nn.Conv2d) and self.head.kernel_size == (1, 1):
+            return self.head.weight.flatten(1), self.head.bias
+        raise ValueError(f"the {self.head_type} head has no linear class weights")
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of a named preset."""
+
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    img_size: int = 224
+    distilled: bool = False
+
+
+PRESETS: dict[str, ViTConfig] = {
+    "vit_tiny_patch16_224": ViTConfig(16, 192, 12, 3),
+    "vit_small_patch16_224": ViTConfig(16, 384, 12, 6),
+    "vit_base_patch16_224": ViTConfig(16, 768, 12, 12),
+    "vit_small_patch8_224": ViTConfig(8, 384, 12, 6),
+    "vit_base_patch8_224": ViTConfig(8, 768, 12, 12),
+    "deit_tiny_patch16_224": ViTConfig(16, 192, 12, 3),
+    "deit_small_patch16_224": ViTConfig(16, 384, 12, 6),
+    "deit_base_patch16_224": ViTConfig(16, 768, 12, 12),
+    "deit_tiny_distilled_patch16_224": ViTConfig(16, 192, 12, 3, distilled=True),
+    "deit_small_distilled_patch16_224": ViTConfig(16, 384, 12, 6, distilled=True),
+    "deit_base_distilled_patch16_224": ViTConfig(16, 768, 12, 12, distilled=True),
+    # DINO's self-supervised patch-8 backbones (no classifier in their checkpoints).
+    "dino_vits8": ViTConfig(8, 384, 12, 6),
+    "dino_vitb8": ViTConfig(8, 768, 12, 12),
+    # Small from-scratch models for CPU demos and tests.
+    "vit_pico_patch8": ViTConfig(8, 96, 6, 3, img_size=96),
+    "vit_nano_patch16": ViTConfig(16, 64, 4, 2, img_size=64),
+}
+
+
+def grid_side(n_tokens: int) -> int:
+    """Side of the square grid that holds ``n_tokens`` patches (checkpoints store square grids)."""
+    side = math.isqrt(n_tokens)
+    if side * side != n_tokens:
+        raise ValueError(f"{n_tokens} position embeddings do not form a square grid")
+    return side
