@@ -48,20 +48,22 @@ def create_model(name: str, weights: str | Path | None = None, num_classes: int 
     state = None
     if weights is not None:
         state = load_state_dict(weights)
-        kwargs["img_size"] = _checkpoint_img_size(state, kwargs)
+        kwargs["img_size"] = _checkpoint_img_size(state, kwargs, source=str(weights))
         ckpt_classes = _checkpoint_num_classes(state)
         if num_classes is None:
             num_classes = ckpt_classes if ckpt_classes is not None else 0
-        if ckpt_classes != num_classes or head not in ("token", "gap"):
+        if head == "mct":
+            state = _expand_class_tokens(state, num_classes)
+    model = VisionTransformer(num_classes=1000 if num_classes is None else num_classes, **kwargs)
+    if state is not None:
+        # The checkpoint's head is kept only when it is the same kind of layer (linear, 1x1 or 3x3 conv) with the
+        # same class count, so a trained conv/mct head reloads while an ImageNet classifier is never forced into one.
+        if ckpt_classes != num_classes or not _same_head_kind(state, model.state_dict()):
             dropped = [k for k in state if k.startswith(HEAD_KEYS)]
             if dropped:
                 log.warning("%s: not loading the checkpoint's classifier (%s); a new %s head with %d outputs is "
                             "initialised", weights, ", ".join(dropped), head, num_classes)
             state = {k: v for k, v in state.items() if not k.startswith(HEAD_KEYS)}
-        if head == "mct":
-            state = _expand_class_tokens(state, num_classes)
-    model = VisionTransformer(num_classes=1000 if num_classes is None else num_classes, **kwargs)
-    if state is not None:
         load_into(model, state, source=str(weights), allow_fresh_head=True)
     return model
 
@@ -85,13 +87,26 @@ def _checkpoint_num_classes(state: dict[str, Tensor]) -> int | None:
     return None if w is None else int(w.shape[0])
 
 
-def _checkpoint_img_size(state: dict[str, Tensor], kwargs: dict) -> int:
+def _same_head_kind(state: dict[str, Tensor], target: dict[str, Tensor]) -> bool:
+    """Whether the checkpoint's and the model's ``head.weight`` have the same kernel (none for a linear head)."""
+    ckpt_w, model_w = state.get("head.weight"), target.get("head.weight")
+    if ckpt_w is None or model_w is None:
+        return ckpt_w is model_w
+    return ckpt_w.ndim == model_w.ndim and ckpt_w.shape[2:] == model_w.shape[2:]
+
+
+def _checkpoint_img_size(state: dict[str, Tensor], kwargs: dict, source: str = "checkpoint") -> int:
     """The training size the checkpoint's position embeddings were made for (any input size still works)."""
     pos = state.get("pos_embed")
     if pos is None:
         return kwargs["img_size"]
-    n_prefix = 2 if kwargs.get("distilled") else 1
-    return grid_side(pos.shape[1] - n_prefix) * kwargs["patch_size"]
+    # Prefix tokens as stored: an mct checkpoint holds one class token per class, DeiT a distillation token.
+    cls = state.get("cls_token")
+    n_prefix = (1 if cls is None or cls.ndim != 3 else cls.shape[1]) + ("dist_token" in state)
+    try:
+        return grid_side(pos.shape[1] - n_prefix) * kwargs["patch_size"]
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: pos_embed {tuple(pos.shape)} does not fit the model ({exc})") from exc
 
 
 def _expand_class_tokens(state: dict[str, Tensor], num_classes: int) -> dict[str, Tensor]:
@@ -101,5 +116,5 @@ def _expand_class_tokens(state: dict[str, Tensor], num_classes: int) -> dict[str
         return state
     state = dict(state)
     state["cls_token"] = cls[:, :1].repeat(1, num_classes, 1)
-    state["pos_embed"] = torch.cat([pos[:, :1].repeat(1, num_classes, 1), pos[:, 1:]], dim=1)
+    state["pos_embed"] = torch.cat([pos[:, :1].repeat(1, num_classes, 1), pos[:, cls.shape[1]:]], dim=1)
     return state

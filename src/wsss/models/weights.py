@@ -46,15 +46,15 @@ def load_state_dict(spec: str | Path) -> dict[str, Tensor]:
         if suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
+            state = unwrap_state_dict(load_file(str(path)))
         elif suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 state = convert_jax_vit({k: z[k] for k in z.files})
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
             state = unwrap_state_dict(raw)
-    except CheckpointError:
-        raise
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
     if not state:

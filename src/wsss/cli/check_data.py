@@ -1,0 +1,24 @@
+"""``wsss check-data``: report every problem of a dataset split, with class statistics."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..data.check import check_dataset
+
+
+def add_parser(subparsers) -> None:
+    """Register ``check-data``."""
+    p = subparsers.add_parser("check-data", help="check a VOC-layout dataset split; exit 1 on problems")
+    p.add_argument("--data", required=True, help="dataset root (VOC layout)")
+    p.add_argument("--split", required=True, help="split name (ImageSets/Segmentation/<split>.txt)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes reading images (default: 0)")
+    p.add_argument("--max-problems", type=int, default=20, help="problems to list (default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report; return 1 when problems were found, else 0."""
+    report = check_dataset(args.data, args.split, num_workers=args.workers)
+    print(report.format(max_problems=args.max_problems))
+    return 0 if report.ok else 1

@@ -1,0 +1,333 @@
+"""A dataset in the PASCAL VOC folder layout, with image-level labels for weak supervision.
+
+Layout::
+
+    ROOT/JPEGImages/<id>.jpg (or .jpeg / .png)
+    ROOT/SegmentationClass/<id>.png       palette PNG, pixel = class index, 255 = ignore (optional)
+    ROOT/ImageSets/Segmentation/<split>.txt
+    ROOT/classes.txt
+    ROOT/labels.json | ROOT/labels.csv    image-level labels, used when there are no masks
+
+Image-level labels come from the masks (the classes present) when the dataset has them, and are then
+recomputed after the transform, so a crop is labelled with the classes inside the crop. Without masks they
+come from a labels file (an explicit ``labels_file`` is used even when masks exist; the masks then only
+serve as ground truth).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import ConfigError, DataError
+from .classes import ClassSet
+from .io import IGNORE_INDEX, read_image, read_mask
+from .transforms import mask_to_tensor, to_tensor
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+LABEL_FILE_NAMES = ("labels.json", "labels.csv")
+
+Transform = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def labels_from_mask(
+    mask: torch.Tensor | np.ndarray, classes: ClassSet, min_fraction: float = 0.0
+) -> np.ndarray:
+    """Multi-hot float32 ``(num_fg,)`` of the foreground classes present in ``mask``, in classifier-output order.
+
+    With ``min_fraction`` > 0 a class counts only if it covers at least that fraction of the labelled
+    (non-255) pixels. Background and 255 never count.
+    """
+    values = (mask.numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)).reshape(-1)
+    counts = np.bincount(values, minlength=IGNORE_INDEX + 1)  # masks hold 0..255 only
+    labelled = int(counts.sum() - counts[IGNORE_INDEX])
+    counts = counts[: classes.num_classes]
+    fg_counts = counts[classes.fg_labels]
+    if min_fraction > 0:
+        present = fg_counts >= min_fraction * max(labelled, 1)
+        present &= fg_counts > 0
+    else:
+        present = fg_counts > 0
+    return present.astype(np.float32)
+
+
+def _read_split(path: Path) -> list[str]:
+    """Ids listed in a split file; a line may also be a path (``/JPEGImages/x.jpg /Seg.../x.png``)."""
+    if not path.is_file():
+        raise DataError(path, "split list not found")
+    ids = []
+    for line in path.read_text().splitlines():
+        token = line.split()[0] if line.strip() else ""
+        if not token:
+            continue
+        if "/" in token or token.endswith(IMAGE_EXTENSIONS):
+            token = Path(token).stem
+        ids.append(token)
+    if not ids:
+        raise DataError(path, f"split {path.stem!r} is empty")
+    return ids
+
+
+def _parse_label_token(token: Any, classes: ClassSet, path: Path, image_id: str) -> int:
+    """A label given as an index or a class name -> dataset label index."""
+    if isinstance(token, bool):
+        raise DataError(path, f"image {image_id!r}: label {token!r} is not a class index or name")
+    if isinstance(token, int) or (isinstance(token, str) and re.fullmatch(r"\d+", token.strip())):
+        index = int(token)
+        if not 0 <= index < classes.num_classes:
+            raise DataError(path, f"image {image_id!r}: label {index} outside the {classes.num_classes} classes")
+        return index
+    if isinstance(token, str):
+        lowered = {name.lower(): i for i, name in enumerate(classes.names)}
+        name = token.strip()
+        if name in classes.names:
+            return classes.names.index(name)
+        if name.lower() in lowered:
+            return lowered[name.lower()]
+    raise DataError(path, f"image {image_id!r}: unknown class {token!r}; classes are {list(classes.names)}")
+
+
+def read_labels_file(
+    path: str | Path, classes: ClassSet, ids: list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Read image-level labels: ``.json`` ``{id: [labels]}`` or ``.csv`` rows ``id,label label ...``.
+
+    Labels are dataset label indices or class names. A background label is allowed and ignored; an image
+    left with no foreground label is an error. With ``ids`` given, only those images are checked and
+    returned, and each must be listed. Returns ``{id: multi-hot float32 (num_fg,)}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "labels file not found")
+    raw: dict[str, list[Any]] = {}
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise DataError(path, "labels JSON must be an object {id: [labels]}")
+            for image_id, labels in data.items():
+                if not isinstance(labels, list):
+                    labels = [labels]
+                raw[str(image_id)] = labels
+        elif path.suffix.lower() == ".csv":
+            with path.open(newline="") as handle:
+                for row_number, row in enumerate(csv.reader(handle)):
+                    if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
+                        continue
+                    if row_number == 0 and row[0].strip().lower() in ("id", "image", "image_id", "name"):
+                        continue  # header
+                    tokens = [t for field in row[1:] for t in re.split(r"[\s;|]+", field) if t]
+                    raw[row[0].strip()] = tokens
+        else:
+            raise DataError(path, "labels file must be .json or .csv")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
+        raise DataError(path, f"cannot read labels file ({exc})") from exc
+
+    if ids is not None:
+        missing = [image_id for image_id in ids if image_id not in raw]
+        if missing:
+            raise DataError(path, f"no labels for {len(missing)} image(s), e.g. {missing[0]!r}")
+        raw = {image_id: raw[image_id] for image_id in ids}
+    result = {}
+    for image_id, labels in raw.items():
+        multi_hot = np.zeros(classes.num_fg, dtype=np.float32)
+        for token in labels:
+            index = _parse_label_token(token, classes, path, image_id)
+            if index in classes.fg_labels:
+                multi_hot[classes.label_to_output(index)] = 1.0
+        if not multi_hot.any():
+            raise DataError(path, f"image {image_id!r} has an empty label set")
+        result[image_id] = multi_hot
+    return result
+
+
+class VOCDataset(torch.utils.data.Dataset):
+    """Images, masks and image-level labels of one split of a VOC-layout dataset.
+
+    Each item is ``dict(image=float (3, H, W), mask=long (H, W), label=float (num_fg,), id=str)``; the mask
+    is all 255 when the dataset has none. The transform is called as ``transform(image, mask, generator)``.
+    With ``seed`` set, sample ``i`` of epoch ``e`` (see :meth:`set_epoch`) is augmented with a generator
+    seeded from ``(seed, e, i)``, so augmentation does not depend on worker count or order and can be
+    replayed exactly on resume; without it the global torch RNG is used.
+
+    A split must have a mask for every image or for none (``require_masks`` demands them). Without masks
+    the labels come from a labels file; with ``require_labels=False`` and no file, the labels are all zero
+    and ``has_labels`` is False (for prediction on unlabelled images).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        transform: Transform | None = None,
+        labels_file: str | Path | None = None,
+        min_label_fraction: float = 0.0,
+        require_masks: bool = False,
+        require_labels: bool = True,
+        seed: int | None = None,
+    ):
+        self.root = Path(root)
+        self.split = split
+        self.transform = transform
+        if not 0.0 <= min_label_fraction < 1.0:
+            raise ConfigError(f"min_label_fraction must lie in [0, 1), got {min_label_fraction}")
+        self.min_label_fraction = float(min_label_fraction)
+        self.seed = seed
+        self.epoch = 0
+        if not self.root.is_dir():
+            raise DataError(self.root, "dataset folder not found")
+        self.classes = ClassSet.from_file(self.root / "classes.txt")
+        self.ids: list[str] = _read_split(self.root / "ImageSets" / "Segmentation" / f"{split}.txt")
+        self._image_paths = [self._find_image(image_id) for image_id in self.ids]
+        self._path_of = dict(zip(self.ids, self._image_paths))
+        self.has_masks = self._check_masks(require_masks)
+        self._file_labels = self._load_file_labels(labels_file, require_labels)
+        self.has_labels = self._file_labels is not None or self.has_masks
+        self._mask_labels: dict[int, np.ndarray] = {}
+
+    # ------------------------------------------------------------------------------------------- setup
+
+    def _find_image(self, image_id: str) -> Path:
+        folder = self.root / "JPEGImages"
+        for ext in IMAGE_EXTENSIONS:
+            path = folder / f"{image_id}{ext}"
+            if path.is_file():
+                return path
+        raise DataError(folder / f"{image_id}.jpg", f"image of {self.split!r} id {image_id!r} not found")
+
+    def _check_masks(self, require_masks: bool) -> bool:
+        present = [self.mask_path(image_id).is_file() for image_id in self.ids]
+        if all(present):
+            return True
+        missing = self.mask_path(self.ids[present.index(False)])
+        if require_masks or any(present):
+            # A split with only some masks is inconsistent: labels would silently change meaning.
+            raise DataError(missing, f"mask not found ({present.count(False)} of {len(self.ids)} missing)")
+        return False
+
+    def _load_file_labels(self, labels_file: str | Path | None, require_labels: bool) -> dict[str, np.ndarray] | None:
+        """Labels from an explicit file, else (only without masks) from ROOT/labels.json or labels.csv."""
+        if labels_file is None and self.has_masks:
+            return None
+        if labels_file is None:
+            candidates = [self.root / name for name in LABEL_FILE_NAMES if (self.root / name).is_file()]
+            if not candidates:
+                if require_labels:
+                    raise DataError(
+                        self.root / LABEL_FILE_NAMES[0],
+                        "dataset has no masks and no image-level labels file (labels.json or labels.csv)",
+                    )
+                return None
+            labels_file = candidates[0]
+        return read_labels_file(Path(labels_file), self.classes, self.ids)
+
+    # ------------------------------------------------------------------------------------------- access
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, image_id: str) -> Path:
+        """Path of an image (``.jpg`` first, then ``.jpeg`` / ``.png``)."""
+        if image_id in self._path_of:
+            return self._path_of[image_id]
+        return self._find_image(image_id)
+
+    def mask_path(self, image_id: str) -> Path:
+        """Path of a mask (it may not exist when the dataset has none)."""
+        return self.root / "SegmentationClass" / f"{image_id}.png"
+
+    def load_image(self, index: int) -> np.ndarray:
+        """The image as uint8 ``(H, W, 3)``."""
+        return read_image(self._image_paths[index])
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """``(H, W)`` of an image, read from its header only."""
+        path = self._image_paths[index]
+        try:
+            with Image.open(path) as im:
+                return im.height, im.width
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(path, f"cannot decode image ({exc})") from exc
+
+    def load_mask(self, index: int, image_size: tuple[int, int] | None = None) -> np.ndarray:
+        """The mask as uint8 ``(H, W)``, checked against the class list and the image size."""
+        path = self.mask_path(self.ids[index])
+        mask = read_mask(path, self.classes.num_classes)
+        expected = image_size if image_size is not None else self.image_size(index)
+        if tuple(mask.shape) != tuple(expected):
+            raise DataError(
+                path,
+                f"mask size {mask.shape[0]}x{mask.shape[1]} differs from image "
+                f"{self._image_paths[index].name} size {expected[0]}x{expected[1]} (HxW)",
+            )
+        return mask
+
+    def labels(self, index: int) -> np.ndarray:
+        """Image-level multi-hot float32 ``(num_fg,)`` of the whole image, in classifier-output order."""
+        if self._file_labels is not None:
+            return self._file_labels[self.ids[index]].copy()
+        if not self.has_masks:
+            return np.zeros(self.classes.num_fg, dtype=np.float32)
+        if index not in self._mask_labels:
+            self._mask_labels[index] = labels_from_mask(self.load_mask(index), self.classes, self.min_label_fraction)
+        return self._mask_labels[index].copy()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation stream :meth:`__getitem__` draws from (with ``seed`` set)."""
+        self.epoch = int(epoch)
+
+    def generator(self, index: int) -> torch.Generator | None:
+        """The generator that augments sample ``index`` this epoch (``None``: global RNG)."""
+        if self.seed is None:
+            return None
+        state = np.random.SeedSequence([int(self.seed), self.epoch, int(index)]).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = self.load_image(index)
+        height, width = image.shape[:2]
+        if self.has_masks:
+            mask_array = self.load_mask(index, (height, width))
+        else:
+            mask_array = np.full((height, width), IGNORE_INDEX, dtype=np.uint8)
+        image_t, mask_t = to_tensor(image), mask_to_tensor(mask_array)
+        if self.transform is not None:
+            image_t, mask_t = self.transform(image_t, mask_t, self.generator(index))
+        if self._file_labels is None and self.has_masks:
+            label = labels_from_mask(mask_t, self.classes, self.min_label_fraction)
+        else:
+            label = self.labels(index)
+        return {
+            "image": image_t,
+            "mask": mask_t,
+            "label": torch.from_numpy(label),
+            "id": self.ids[index],
+        }
+
+
+def collate(batch: list[dict[str, Any]], pad_image: float = 0.0) -> dict[str, Any]:
+    """Stack samples; images and masks of different sizes are padded bottom/right (mask with 255)."""
+    heights = [item["image"].shape[-2] for item in batch]
+    widths = [item["image"].shape[-1] for item in batch]
+    height, width = max(heights), max(widths)
+    first = batch[0]["image"]
+    images = torch.full((len(batch), first.shape[0], height, width), pad_image, dtype=first.dtype)
+    masks = torch.full((len(batch), height, width), IGNORE_INDEX, dtype=torch.long)
+    for k, item in enumerate(batch):
+        h, w = item["image"].shape[-2:]
+        images[k, :, :h, :w] = item["image"]
+        masks[k, :h, :w] = item["mask"]
+    return {
+        "image": images,
+        "mask": masks,
+        "label": torch.stack([item["label"] for item in batch]),
+        "id": [item["id"] for item in batch],
+        "size": torch.tensor([[h, w] for h, w in zip(heights, widths)]),
+    }

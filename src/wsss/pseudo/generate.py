@@ -1,0 +1,153 @@
+"""One image's pseudo label from the files on disk: maps, image, optional saliency and attention affinity.
+
+:class:`PseudoSettings` gathers every choice (so it can be sent to worker processes) and
+:func:`pseudo_label_for` reads the inputs of one image, checks they fit together and applies the rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.io import IGNORE_INDEX, load_maps, read_image, read_mask
+from ..errors import ConfigError, DataError
+from ..refine.crf import CRFParams
+from ..refine.refiner import REFINEMENTS, Refiner, make_refiner
+from .completion import label_completion
+from .labels import maps_to_labels_threshold, psa_labels, two_threshold_labels
+
+RULES = ("threshold", "two_thresholds", "psa", "completion")
+
+
+@dataclass(frozen=True)
+class PseudoSettings:
+    """How to turn ``maps_dir/<id>.npz`` into a label map.
+
+    ``rule`` is one of :data:`RULES` with its parameters (``bg_threshold``; ``high``/``low``;
+    ``alpha``; ``cut_threshold`` and an optional ``saliency_dir`` of ``<id>.png``, > 0 = salient).
+    ``refine`` is one of :data:`wsss.refine.REFINEMENTS`; ``affinity_dir`` holds ``<id>.npz`` files
+    with ``affinity`` (N, N) and ``grid`` (h, w) for the ``affinity`` refinement. ``scale`` resizes the
+    score stack before the refinement (AReAM uses 0.5). Datasets without a background class get 255
+    (ignore) where the rule says background.
+    """
+
+    maps_dir: Path
+    num_classes: int
+    has_background: bool
+    rule: str
+    bg_threshold: float = 0.5
+    high: float = 0.55
+    low: float = 0.35
+    alpha: float = 1.0
+    cut_threshold: float = 0.9
+    saliency_dir: Path | None = None
+    refine: str = "none"
+    iterations: int = 10
+    crf: str | CRFParams = "psa"
+    affinity_dir: Path | None = None
+    affinity_power: float = 1.0
+    affinity_steps: int = 1
+    affinity_normalize: str = "row"
+    scale: float = 1.0
+    softmax: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ConfigError(f"unknown pseudo-label rule {self.rule!r}; choose one of {RULES}")
+        if self.refine not in REFINEMENTS:
+            raise ConfigError(f"unknown refinement {self.refine!r}; choose one of {REFINEMENTS}")
+        if self.refine == "affinity" and self.affinity_dir is None:
+            raise ConfigError("the affinity refinement needs a folder of <id>.npz attention affinities (--affinity)")
+        if self.rule == "completion" and self.refine == "crf":
+            raise ConfigError("label completion refines the class maps alone; a CRF needs a background channel")
+        if self.saliency_dir is not None and self.rule != "completion":
+            raise ConfigError("a saliency folder is only used by label completion")
+        if not 0 < self.scale <= 1:
+            raise ConfigError(f"scale must lie in (0, 1], got {self.scale}")
+
+    @property
+    def background_label(self) -> int:
+        return 0 if self.has_background else IGNORE_INDEX
+
+    def maps_path(self, image_id: str) -> Path:
+        return self.maps_dir / f"{image_id}.npz"
+
+
+def _read_affinity(path: Path) -> tuple[torch.Tensor, tuple[int, int]]:
+    if not path.is_file():
+        raise DataError(path, "affinity file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "affinity" not in z or "grid" not in z:
+                raise DataError(path, f"affinity file must hold 'affinity' and 'grid', found {sorted(z.files)}")
+            affinity, grid = z["affinity"].astype(np.float32), z["grid"].astype(np.int64).reshape(-1)
+    except (OSError, ValueError, EOFError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(path, f"cannot read affinity file ({exc})") from exc
+    if grid.size != 2 or affinity.ndim != 2 or affinity.shape != (grid[0] * grid[1],) * 2:
+        raise DataError(path, f"affinity {affinity.shape} is not (N, N) for the grid {grid.tolist()}")
+    return torch.from_numpy(affinity), (int(grid[0]), int(grid[1]))
+
+
+def _read_maps(settings: PseudoSettings, image_id: str, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    path = settings.maps_path(image_id)
+    maps, classes = load_maps(path, settings.num_classes)
+    if settings.has_background and np.any(classes == 0):
+        raise DataError(path, "maps include the background label 0: they were made for a class set without background")
+    if maps.shape[1:] != image_size:
+        raise DataError(
+            path, f"maps are {maps.shape[1]}x{maps.shape[2]} but image {image_id!r} is {image_size[0]}x{image_size[1]}"
+        )
+    if not np.all(np.isfinite(maps)):
+        raise DataError(path, "maps hold NaN or infinite values")
+    return maps, classes
+
+
+def pseudo_label_for(settings: PseudoSettings, image_id: str, image_path: Path) -> np.ndarray:
+    """The ``(H, W)`` uint8 pseudo label of one image (dataset labels, 255 = ignore)."""
+    image = read_image(image_path)
+    maps, classes = _read_maps(settings, image_id, image.shape[:2])
+    affinity, grid = None, None
+    if settings.refine == "affinity" and settings.affinity_dir is not None:
+        affinity, grid = _read_affinity(settings.affinity_dir / f"{image_id}.npz")
+    refiner = make_refiner(
+        settings.refine, image, iterations=settings.iterations, crf=settings.crf, affinity=affinity, grid=grid,
+        affinity_power=settings.affinity_power, affinity_steps=settings.affinity_steps,
+        affinity_normalize=settings.affinity_normalize,
+    )
+    maps_t = torch.from_numpy(maps)
+    common = dict(refine=refiner, background_label=settings.background_label)
+    if settings.rule == "threshold":
+        labels = maps_to_labels_threshold(
+            maps_t, classes, settings.bg_threshold, softmax=settings.softmax, scale=settings.scale, **common
+        )
+    elif settings.rule == "two_thresholds":
+        labels = two_threshold_labels(maps_t, classes, settings.high, settings.low, scale=settings.scale, **common)
+    elif settings.rule == "psa":
+        labels = psa_labels(maps_t, classes, settings.alpha, softmax=settings.softmax, scale=settings.scale, **common)
+    else:
+        labels = _completion(settings, image_id, maps_t, classes, refiner)
+    return labels.numpy().astype(np.uint8)
+
+
+def _completion(
+    settings: PseudoSettings, image_id: str, maps: torch.Tensor, classes: np.ndarray, refiner: Refiner | None
+) -> torch.Tensor:
+    if refiner is not None and maps.shape[0]:
+        # GETAM refines the class maps, then divides each by its maximum (+1e-5).
+        maps = refiner(maps.unsqueeze(0))[0]
+        maps = maps / (maps.amax(dim=(1, 2), keepdim=True) + 1e-5)
+    saliency = None
+    if settings.saliency_dir is not None:
+        path = settings.saliency_dir / f"{image_id}.png"
+        saliency_np = read_mask(path)
+        if saliency_np.shape != tuple(maps.shape[1:]):
+            raise DataError(path, f"saliency is {saliency_np.shape} but the maps are {tuple(maps.shape[1:])}")
+        saliency = torch.from_numpy(saliency_np)
+    return label_completion(
+        maps, classes, saliency, settings.cut_threshold, background_label=settings.background_label
+    )

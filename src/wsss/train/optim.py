@@ -1,0 +1,63 @@
+"""Optimisers and learning-rate schedules from the config's ``optim`` section."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr_mult: float) -> list[dict]:
+    """No weight decay on norms, biases, tokens and position embeddings; heads may get a larger learning rate."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.endswith(("cls_token", "dist_token", "pos_embed"))
+        is_head = not name.startswith(("patch_embed.", "cls_token", "dist_token", "pos_embed", "blocks.", "norm."))
+        groups.setdefault((no_decay, is_head), []).append(p)
+    return [{"params": ps, "weight_decay": 0.0 if nd else weight_decay, "lr": lr * (head_lr_mult if hd else 1.0),
+             "lr_mult": head_lr_mult if hd else 1.0}
+            for (nd, hd), ps in sorted(groups.items())]
+
+
+def build_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
+    """``adamw`` or ``sgd``. The GETAM/ACR PolyOptimizer quirk (momentum = weight decay value, no decay) is the
+    explicit option ``authors_sgd_quirk: true`` in a method preset, not a default."""
+    name = cfg["name"]
+    groups = param_groups(model, cfg["weight_decay"], cfg["lr"], cfg.get("head_lr_mult", 1.0))
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if name == "sgd":
+        if cfg.get("authors_sgd_quirk", False):
+            # SGD(params, lr, weight_decay) passed positionally: momentum takes the decay value, decay is 0.
+            for g in groups:
+                g["weight_decay"] = 0.0
+            return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["weight_decay"], weight_decay=0.0)
+        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    raise ConfigError(f"optim.name must be 'adamw' or 'sgd', got {name!r}")
+
+
+def lr_factor(step: int, total: int, cfg: dict) -> float:
+    """Multiplier of the base learning rate at ``step`` (linear warm-up, then the schedule)."""
+    warmup = cfg.get("warmup_steps", 0)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = cfg.get("min_lr", 0.0) / cfg["lr"] if cfg["lr"] else 0.0
+    schedule = cfg["schedule"]
+    if schedule == "constant":
+        return 1.0
+    if schedule == "poly":
+        return max(floor, (1 - progress) ** cfg.get("poly_power", 0.9))
+    if schedule == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ConfigError(f"optim.schedule must be cosine, poly or constant, got {schedule!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: dict) -> torch.optim.lr_scheduler.LambdaLR:
+    lr_factor(0, total_steps, cfg)  # validate the schedule name now, not at the first step
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))

@@ -1,0 +1,192 @@
+"""``wsss pseudo`` end to end on a tiny synthetic VOC-layout dataset."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsss.cli import pseudo as pseudo_cli
+from wsss.data.io import load_maps, read_mask, save_maps, write_mask
+from wsss.errors import ConfigError, DataError
+from wsss.pseudo import label_completion, maps_to_labels_threshold, psa_labels, two_threshold_labels
+from wsss.refine import make_refiner
+
+H, W = 24, 32
+IDS = ("a", "b", "c")
+
+
+def _truth(image_id: str) -> np.ndarray:
+    """Ground truth: a on the left half (cat), b cat left / dog right, c dog in the middle."""
+    mask = np.zeros((H, W), np.uint8)
+    if image_id == "a":
+        mask[:, :16] = 1
+    elif image_id == "b":
+        mask[:, :16], mask[:, 16:] = 1, 2
+    else:
+        mask[6:18, 8:24] = 2
+    return mask
+
+
+def _maps(image_id: str) -> tuple[np.ndarray, list[int]]:
+    truth = _truth(image_id)
+    classes = sorted(int(c) for c in np.unique(truth) if c != 0)
+    maps = np.stack([np.where(truth == c, 0.9, 0.1) for c in classes]).astype(np.float32)
+    return maps, classes
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> dict[str, Path]:
+    root, maps_dir = tmp_path / "voc", tmp_path / "maps"
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    (root / "classes.txt").write_text("background\ncat\ndog\n")
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(IDS) + "\n")
+    rng = np.random.default_rng(0)
+    for image_id in IDS:
+        truth = _truth(image_id)
+        image = (40 + 80 * truth[..., None] + rng.integers(0, 20, (H, W, 3))).astype(np.uint8)
+        Image.fromarray(image).save(root / "JPEGImages" / f"{image_id}.png")
+        write_mask(root / "SegmentationClass" / f"{image_id}.png", truth)
+        save_maps(maps_dir / f"{image_id}.npz", *_maps(image_id))
+    return {"root": root, "maps": maps_dir, "out": tmp_path / "out", "tmp": tmp_path}
+
+
+def _run(dataset: dict[str, Path], *extra: str, out: Path | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    pseudo_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        ["pseudo", "--maps", str(dataset["maps"]), "--data", str(dataset["root"]), "--split", "train",
+         "--out", str(out or dataset["out"]), *extra]
+    )
+    return args.func(args)
+
+
+def _stored_maps(dataset, image_id) -> tuple[torch.Tensor, np.ndarray]:
+    """The maps as the command reads them (float16 on disk)."""
+    maps, classes = load_maps(dataset["maps"] / f"{image_id}.npz")
+    return torch.from_numpy(maps), classes
+
+
+def _image(dataset, image_id) -> np.ndarray:
+    return np.asarray(Image.open(dataset["root"] / "JPEGImages" / f"{image_id}.png").convert("RGB"))
+
+
+def test_threshold_labels_are_scored_perfectly_and_resume(dataset, capsys):
+    assert _run(dataset, "--bg-threshold", "0.5") == 0
+    for image_id in IDS:
+        assert np.array_equal(read_mask(dataset["out"] / f"{image_id}.png", 3), _truth(image_id))
+    from wsss.evaluate import evaluate_split
+
+    metrics = evaluate_split(dataset["root"], "train", dataset["out"], progress=False)
+    assert metrics["miou"] == pytest.approx(1.0)
+
+    before = {i: (dataset["out"] / f"{i}.png").stat().st_mtime_ns for i in IDS}
+    (dataset["out"] / "b.png").unlink()
+    capsys.readouterr()
+    _run(dataset, "--bg-threshold", "0.5")
+    assert "wrote 1 pseudo labels" in capsys.readouterr().out
+    after = {i: (dataset["out"] / f"{i}.png").stat().st_mtime_ns for i in IDS}
+    assert after["a"] == before["a"] and after["c"] == before["c"]
+    assert np.array_equal(read_mask(dataset["out"] / "b.png"), _truth("b"))
+
+
+def _labels(dataset, out_name: str, image_id: str) -> np.ndarray:
+    return read_mask(dataset["tmp"] / out_name / f"{image_id}.png")
+
+
+def test_refinements_and_rules_match_the_library(dataset):
+    _run(dataset, "--two-thresholds", "0.55", "0.35", "--refine", "par", out=dataset["tmp"] / "two")
+    _run(dataset, "--completion", "--refine", "pamr", "--cut-threshold", "0.5", out=dataset["tmp"] / "comp")
+    _run(dataset, "--psa-alpha", "4", out=dataset["tmp"] / "psa")
+    for image_id in IDS:
+        maps_t, classes = _stored_maps(dataset, image_id)
+        image = _image(dataset, image_id)
+        expected = two_threshold_labels(maps_t, classes, 0.55, 0.35, refine=make_refiner("par", image))
+        assert np.array_equal(_labels(dataset, "two", image_id), expected.numpy())
+        refined = make_refiner("pamr", image)(maps_t[None])[0]
+        refined = refined / (refined.amax(dim=(1, 2), keepdim=True) + 1e-5)
+        expected = label_completion(refined, classes, None, cut_threshold=0.5)
+        assert np.array_equal(_labels(dataset, "comp", image_id), expected.numpy())
+        assert np.array_equal(_labels(dataset, "psa", image_id), psa_labels(maps_t, classes, 4).numpy())
+    # the clean synthetic maps give the truth back through the refinements
+    assert np.array_equal(_labels(dataset, "two", "b"), _truth("b"))
+
+
+def test_crf_refinement_matches_the_library(dataset):
+    pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 (the [crf] extra) is not installed")
+    _run(dataset, "--psa-alpha", "1", "--refine", "crf", "--crf-preset", "psa", out=dataset["tmp"] / "crf")
+    for image_id in IDS:
+        maps_t, classes = _stored_maps(dataset, image_id)
+        refiner = make_refiner("crf", _image(dataset, image_id), crf="psa")
+        expected = psa_labels(maps_t, classes, 1, refine=refiner)
+        assert np.array_equal(_labels(dataset, "crf", image_id), expected.numpy())
+
+
+def test_affinity_refinement_reads_per_image_affinities(dataset):
+    aff_dir = dataset["tmp"] / "aff"
+    aff_dir.mkdir()
+    rng = np.random.default_rng(5)
+    affinities = {}
+    for image_id in IDS:
+        affinities[image_id] = rng.random((12, 12)).astype(np.float32)
+        np.savez(aff_dir / f"{image_id}.npz", affinity=affinities[image_id], grid=np.array([3, 4]))
+    _run(dataset, "--bg-threshold", "0.5", "--refine", "affinity", "--affinity", str(aff_dir),
+         "--affinity-power", "2", out=dataset["tmp"] / "walk")
+    for image_id in IDS:
+        maps_t, classes = _stored_maps(dataset, image_id)
+        refiner = make_refiner("affinity", None, affinity=torch.from_numpy(affinities[image_id]), grid=(3, 4),
+                               affinity_power=2)
+        expected = maps_to_labels_threshold(maps_t, classes, 0.5, refine=refiner)
+        assert np.array_equal(_labels(dataset, "walk", image_id), expected.numpy())
+    np.savez(aff_dir / "a.npz", affinity=np.ones((5, 5)), grid=np.array([3, 4]))
+    with pytest.raises(DataError, match=r"a\.npz.*not \(N, N\)"):
+        _run(dataset, "--bg-threshold", "0.5", "--refine", "affinity", "--affinity", str(aff_dir),
+             out=dataset["tmp"] / "walk2")
+
+
+def test_workers_write_the_same_files_and_report_errors(dataset):
+    """One pool start: good images are written as in-process, a bad one is a DataError naming its file."""
+    two = ("--two-thresholds", "0.55", "0.35", "--refine", "par")
+    _run(dataset, *two, out=dataset["tmp"] / "seq")
+    good_c = (dataset["maps"] / "c.npz").read_bytes()
+    save_maps(dataset["maps"] / "c.npz", np.zeros((1, H, W + 1), np.float32), [2])
+    with pytest.raises(DataError, match=r"c\.npz: maps are 24x33 but image 'c' is 24x32"):
+        _run(dataset, *two, "--workers", "2", out=dataset["tmp"] / "pool")
+    (dataset["maps"] / "c.npz").write_bytes(good_c)
+    _run(dataset, *two, out=dataset["tmp"] / "pool")  # resumes with c alone
+    for image_id in IDS:
+        assert (dataset["tmp"] / "seq" / f"{image_id}.png").read_bytes() == (
+            dataset["tmp"] / "pool" / f"{image_id}.png"
+        ).read_bytes()
+
+
+def test_bad_inputs_are_data_errors(dataset):
+    (dataset["maps"] / "c.npz").unlink()
+    with pytest.raises(DataError, match=r"c\.npz: maps file not found"):
+        _run(dataset, "--bg-threshold", "0.5")
+    save_maps(dataset["maps"] / "c.npz", np.zeros((1, H, W), np.float32), [7])
+    with pytest.raises(DataError, match=r"c\.npz.*outside the dataset's 3"):
+        _run(dataset, "--bg-threshold", "0.5")
+    save_maps(dataset["maps"] / "c.npz", np.zeros((1, H, W), np.float32), [0])
+    with pytest.raises(DataError, match=r"c\.npz.*background label 0"):
+        _run(dataset, "--bg-threshold", "0.5")
+    save_maps(dataset["maps"] / "c.npz", np.zeros((1, H // 2, W // 2), np.float32), [2])
+    with pytest.raises(DataError, match=r"c\.npz: maps are 12x16 but image 'c' is 24x32"):
+        _run(dataset, "--bg-threshold", "0.5")
+    assert not (dataset["out"] / "c.png").exists()
+
+
+def test_bad_options_are_config_errors(dataset):
+    with pytest.raises(ConfigError, match="needs --affinity DIR"):
+        _run(dataset, "--bg-threshold", "0.5", "--refine", "affinity")
+    with pytest.raises(ConfigError, match="only used with --completion"):
+        _run(dataset, "--bg-threshold", "0.5", "--saliency", str(dataset["tmp"]))
+    with pytest.raises(ConfigError, match="CRF"):
+        _run(dataset, "--completion", "--refine", "crf")
+    with pytest.raises(SystemExit):  # the rules exclude each other
+        _run(dataset, "--bg-threshold", "0.5", "--psa-alpha", "1")
