@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 # The CPU wheel of torch is installed first, so a GPU user's own torch build is kept
 # (the package itself only declares a range).
 TORCH_SPEC ?= torch==2.13.0
+# On a small shared CPU box, OpenMP threads that spin while waiting slow everything else down.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo test clean
 

@@ -14,7 +14,8 @@ from ..data.voc import VOCDataset
 from ..evaluate import maps_to_labels
 from ..localize import METHODS
 from ..localize.split import iter_split_maps
-from ..train.checkpoint import load_model
+from ..errors import CheckpointError
+from ..train.checkpoint import load_model, read_spec
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
         path = path / "model.safetensors"
     model = load_model(path).to(args.device).eval()
     dataset = VOCDataset(args.data, args.split)
+    trained_on = (read_spec(path) or {}).get("classes") if path.suffix == ".safetensors" else None
+    if trained_on is not None and list(trained_on) != list(dataset.classes.names):
+        raise CheckpointError(f"{path} was trained on the classes {trained_on}, but {args.data} has "
+                              f"{list(dataset.classes.names)}")
     out = Path(args.out)
     # Label PNGs need a background threshold, except on datasets without a background class (argmax).
     with_labels = args.threshold is not None or not dataset.classes.has_background
