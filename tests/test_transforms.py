@@ -303,3 +303,33 @@ def test_eval_transforms_values():
     assert image.shape == (3, 2, 3)
     assert image[0].unique().tolist() == [1.0] and image[1].unique().tolist() == [-1.0]
     assert isinstance(eval_transforms(), Compose)
+
+
+def test_hide_patches_blanks_whole_cells_reproducibly():
+    from wsss.data.transforms import HidePatches
+
+    image = torch.rand(3, 20, 28) + 1.0  # strictly positive, so a hidden pixel is exactly 0
+    mask = torch.zeros(20, 28, dtype=torch.long)
+    t = HidePatches(8, 0.5)
+    out, out_mask = t(image, mask, torch.Generator().manual_seed(3))
+    again, _ = t(image, mask, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again)
+    assert out_mask is mask
+    hidden = out[0] == 0
+    # Every 8x8 cell (the last row/column of cells is partial) is either all hidden or all kept, in every channel.
+    for r in range(0, 20, 8):
+        for c in range(0, 28, 8):
+            cell = hidden[r : r + 8, c : c + 8]
+            assert cell.all() or not cell.any()
+    assert torch.equal(out == 0, (out[0] == 0).expand_as(out))
+    kept = ~hidden
+    assert torch.equal(out[:, kept], image[:, kept])
+    fractions = [(HidePatches(4, 0.3)(torch.ones(3, 64, 64), None, torch.Generator().manual_seed(s))[0][0] == 0)
+                 .float().mean().item() for s in range(40)]
+    assert abs(sum(fractions) / len(fractions) - 0.3) < 0.05
+
+
+def test_build_transforms_adds_hide_patches_after_normalisation():
+    t = build_transforms({"crop": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "hide_patches": [4, 0.5]})
+    assert type(t.transforms[-1]).__name__ == "HidePatches"
+    assert type(t.transforms[-2]).__name__ == "Normalize"

@@ -434,6 +434,30 @@ def denormalize(
     return image * std_t + mean_t
 
 
+class HidePatches:
+    """Hide-and-Seek (Singh & Lee, 2017): blank each ``size`` x ``size`` grid cell with probability ``p``.
+
+    A classifier that cannot rely on the most discriminative part of an object learns to use all of it, which
+    counters the partial activation of class maps. Applied after normalisation, a hidden cell is 0 (the mean colour).
+    The mask is left alone: image-level labels still say what the crop contains.
+    """
+
+    def __init__(self, size: int, p: float):
+        if size < 1 or not 0.0 <= p < 1.0:
+            raise ValueError(f"hide_patches needs size >= 1 and 0 <= p < 1, got {size}, {p}")
+        self.size, self.p = int(size), float(p)
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor | None = None, generator: Gen = None) -> Sample:
+        h, w = image.shape[-2:]
+        cells = (-(-h // self.size), -(-w // self.size))
+        keep = (torch.rand(cells, generator=generator) >= self.p).to(image.dtype)
+        keep = keep.repeat_interleave(self.size, 0)[:h].repeat_interleave(self.size, 1)[:, :w]
+        return image * keep, mask
+
+    def __repr__(self) -> str:
+        return f"HidePatches({self.size}, p={self.p})"
+
+
 class Compose:
     """Apply transforms in order, all drawing from the same generator."""
 
@@ -453,7 +477,7 @@ class Compose:
 
 _KNOWN_KEYS = {
     "resize", "resize_long", "random_scale", "crop", "crop_mode", "scale", "ratio", "hflip",
-    "color_jitter", "color_jitter_p", "mean", "std", "pad_mask", "interpolation",
+    "color_jitter", "color_jitter_p", "mean", "std", "pad_mask", "interpolation", "hide_patches",
 }
 
 
@@ -473,7 +497,8 @@ def build_transforms(cfg: dict[str, Any]) -> Compose:
     (``[b, c, s, h]``) with ``color_jitter_p``, ``mean`` / ``std`` (default 0.5; ``null`` disables
     normalisation), ``pad_mask`` (255), ``interpolation`` (``bilinear``).
 
-    Order: resize -> random resize -> hflip -> colour jitter -> crop -> normalise.
+    Order: resize -> random resize -> hflip -> colour jitter -> crop -> normalise -> hide patches
+    (``hide_patches: [size, p]``, Hide-and-Seek).
     """
     unknown = set(cfg) - _KNOWN_KEYS
     if unknown:
@@ -519,6 +544,8 @@ def build_transforms(cfg: dict[str, Any]) -> Compose:
             raise ConfigError("'scale'/'ratio' set the random resized crop and need 'crop'")
         if mean is not None:
             steps.append(Normalize(mean, std))
+        if cfg.get("hide_patches") is not None:
+            steps.append(HidePatches(*cfg["hide_patches"]))
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise

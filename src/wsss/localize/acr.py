@@ -9,15 +9,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Localizer, ScoreFn, batched_grads, class_logits, head_mean_patch_affinity
-from .getam import class_rows
-from .rollout import query_rows
+from .base import ScoreFn, class_logits, head_mean_patch_affinity
+from .getam import AttentionGradients
 
 
-class ACR(Localizer):
+class ACR(AttentionGradients):
     """Class-token-gradient maps over the last blocks (default depth-2, i.e. 10 of 12) plus affinity refinement."""
-
-    needs_grad = True
 
     def __init__(self, model: nn.Module, score_fn: ScoreFn = class_logits, start_layer: int | None = None,
                  refine: bool = True):
@@ -26,13 +23,9 @@ class ACR(Localizer):
         self.refine = refine
 
     def token_maps(self, images: Tensor, classes: Tensor) -> Tensor:
-        out = self.model(images, attn=True, grad_from_block=self.start_layer)
-        attn = out.attn[self.start_layer :]
-        grads = batched_grads(self.scores(out, classes), attn)
-        rows = query_rows(self.model, classes)
+        out, rows = self.class_token_rows(images, classes)
         total = 0.0
-        for a, g in zip(attn, grads):
-            _, g_row = class_rows(a, g, rows)
+        for _, g_row in rows:
             total = total + g_row.relu().mean(dim=2)
         g = total[:, :, out.num_prefix :].relu()  # (B, K, N)
         if self.refine:

@@ -24,10 +24,23 @@ def class_rows(attn: Tensor, grads: Tensor, rows: Tensor) -> tuple[Tensor, Tenso
     return a, g
 
 
-class GETAM(Localizer):
-    """Gradient-weighted element-wise attention, summed over the blocks from ``start_layer`` (default depth/2)."""
+class AttentionGradients(Localizer):
+    """Shared by the class-token-gradient methods: one forward with attention, one batched backward."""
 
     needs_grad = True
+    start_layer: int
+
+    def class_token_rows(self, images: Tensor, classes: Tensor):
+        """``(out, rows)``: each read block's ``(attention row, gradient row)`` of each class, ``(B, K, H, T)``."""
+        out = self.model(images, attn=True, grad_from_block=self.start_layer)
+        attn = out.attn[self.start_layer :]
+        grads = batched_grads(self.scores(out, classes), attn)
+        query = query_rows(self.model, classes)
+        return out, [class_rows(a, g, query) for a, g in zip(attn, grads)]
+
+
+class GETAM(AttentionGradients):
+    """Gradient-weighted element-wise attention, summed over the blocks from ``start_layer`` (default depth/2)."""
 
     def __init__(self, model: nn.Module, score_fn: ScoreFn = class_logits, start_layer: int | None = None,
                  grad_power: int = 2):
@@ -38,13 +51,9 @@ class GETAM(Localizer):
         self.grad_power = grad_power
 
     def token_maps(self, images: Tensor, classes: Tensor) -> Tensor:
-        out = self.model(images, attn=True, grad_from_block=self.start_layer)
-        attn = out.attn[self.start_layer :]
-        grads = batched_grads(self.scores(out, classes), attn)
-        rows = query_rows(self.model, classes)
+        out, rows = self.class_token_rows(images, classes)
         total = 0.0
-        for a, g in zip(attn, grads):
-            a_row, g_row = class_rows(a, g, rows)  # (B, K, H, T)
+        for a_row, g_row in rows:  # (B, K, H, T) each
             m = (g_row * a_row).relu().mean(dim=2)
             if self.grad_power == 2:
                 m = m * g_row.relu().mean(dim=2)
