@@ -7,6 +7,7 @@ measured in.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import gc
@@ -16,7 +17,7 @@ import platform
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -66,45 +67,50 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = ("wall", "cpu")
+
+
 @dataclass
 class Timing:
-    """Wall-clock seconds of repeated runs of one callable."""
+    """Seconds of repeated runs of one callable, by two clocks.
 
-    samples: list[float]
+    ``wall`` is elapsed time. ``cpu`` is the process's CPU time (all its threads): with one torch thread it is the
+    work the call did, and it stays stable when other processes share the cores (wall time then also counts the
+    time spent waiting for a core). With several threads it is their sum, not a latency.
+    """
+
+    wall: list[float]
+    cpu: list[float] = field(default_factory=list)
 
     @property
     def best(self) -> float:
-        """The fastest run: on a shared machine noise only ever adds time, so this is the least disturbed one."""
-        return min(self.samples)
+        """The fastest wall time: on a shared machine noise only ever adds time, so this is the least disturbed."""
+        return self.best_of("wall")
 
     @property
     def median(self) -> float:
-        return statistics.median(self.samples)
+        return self.median_of("wall")
 
-    def as_dict(self, per: int = 1) -> dict[str, Any]:
-        """Best, median and all samples, each divided by ``per`` (e.g. the batch size for a per-image time)."""
-        return {"best_s": self.best / per, "median_s": self.median / per, "samples_s": [s / per for s in self.samples]}
+    def best_of(self, clock: str) -> float:
+        """The fastest run by ``clock`` (``wall`` or ``cpu``)."""
+        return min(getattr(self, clock))
+
+    def median_of(self, clock: str) -> float:
+        return statistics.median(getattr(self, clock))
+
+    def as_dict(self, per: int = 1, clock: str = "wall") -> dict[str, Any]:
+        """Best and median by ``clock`` and every sample by both clocks, divided by ``per`` (e.g. the batch)."""
+        return {"best_s": self.best_of(clock) / per, "median_s": self.median_of(clock) / per, "clock": clock,
+                "wall_samples_s": [s / per for s in self.wall], "cpu_samples_s": [s / per for s in self.cpu]}
 
 
-def time_calls(calls: dict[str, Callable[[], Any]], repeat: int = 3, warmup: int = 1,
-               device: torch.device | str = "cpu") -> dict[str, Timing]:
-    """Time several callables, interleaved round by round so that a load change on the machine hits them alike.
-
-    Each callable first runs ``warmup`` times untimed; then ``repeat`` rounds run every callable once each.
-    """
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-        synchronize(device)
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeat):
-        for name, fn in calls.items():
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            samples[name].append(time.perf_counter() - start)
-    return {name: Timing(s) for name, s in samples.items()}
+def timed_call(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[float, float]:
+    """Run ``fn`` once; return its (wall, cpu) seconds, queued GPU work included."""
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 # ------------------------------------------------------------------------------------------------ peak memory
@@ -170,6 +176,51 @@ def peak_memory_mib(fn: Callable[[], Any], device: torch.device | str = "cpu") -
     if before is None or peak is None:
         return None
     return max(0.0, peak - before)
+
+
+def measure(calls: dict[str, Callable[[], Any]], repeat: int, warmup: dict[str, int] | int = 1,
+            device: torch.device | str = "cpu",
+            wrap: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, memory: bool = True,
+            ) -> dict[str, tuple[Timing, float | None]]:
+    """Time several callables and record their peak memory (:func:`peak_memory_mib`, max over the rounds).
+
+    Each callable first runs its ``warmup`` count of untimed calls (an int applies to all); then ``repeat`` rounds
+    run every callable once each, interleaved, so that a change of load on the machine hits them alike. Every call
+    runs inside ``wrap()`` (e.g. an autocast context). ``memory=False`` skips the memory probe (None is returned).
+    """
+    for name, fn in calls.items():
+        for _ in range(warmup if isinstance(warmup, int) else warmup.get(name, 0)):
+            with wrap():
+                fn()
+    timings = {name: Timing([], []) for name in calls}
+    peaks: dict[str, float | None] = {name: None for name in calls}
+    for _ in range(repeat):
+        for name, fn in calls.items():
+            seconds: list[tuple[float, float]] = []
+
+            def run(fn: Callable[[], Any] = fn) -> None:
+                with wrap():
+                    fn()
+
+            def call() -> None:
+                seconds.append(timed_call(run, device))
+
+            peak = None
+            if memory:
+                peak = peak_memory_mib(call, device)
+            else:
+                call()
+            timings[name].wall.append(seconds[0][0])
+            timings[name].cpu.append(seconds[0][1])
+            if peak is not None:
+                peaks[name] = peak if peaks[name] is None else max(peaks[name], peak)
+    return {name: (timings[name], peaks[name]) for name in calls}
+
+
+def time_calls(calls: dict[str, Callable[[], Any]], repeat: int = 3, warmup: int = 1,
+               device: torch.device | str = "cpu") -> dict[str, Timing]:
+    """:func:`measure` without the memory figures: interleaved timings of several callables."""
+    return {name: timing for name, (timing, _) in measure(calls, repeat, warmup, device, memory=False).items()}
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -248,6 +299,7 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     path = Path(path)
     text = json.dumps(_jsonable(payload), indent=2) + "\n"
     write_bytes_atomic(path, text.encode())
+    path.chmod(0o644)  # the atomic writer's temporary file is private (0600); results are for everyone
     return path
 
 

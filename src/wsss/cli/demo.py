@@ -26,7 +26,7 @@ from ..train.checkpoint import load_model
 from ..train.validate import maps_miou
 from ..visualize import colorize, overlay
 
-SYNTH = {"size": 64, "num_train": 800, "num_val": 100, "num_classes": 4, "seed": 0}
+SYNTH = {"size": 64, "num_train": 800, "num_val": 100, "num_classes": 4, "seed": 0}  # context bias: default 0.8
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -61,23 +61,25 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for method in METHODS:
         t0 = time.perf_counter()
-        r = maps_miou(model, val, method)
+        r = maps_miou(model, val, method, scales=cfg["val"]["scales"], flip=cfg["val"]["flip"])
         per_image = (time.perf_counter() - t0) / r["num_images"]
         results[method] = {"miou": r["miou"], "threshold": r["threshold"], "seconds_per_image": per_image,
                            "iou": r["iou"]}
         print(f"      {method:8s} mIoU {r['miou']:.3f}  (threshold {r['threshold']:.2f}, {per_image * 1000:.0f} ms/image)")
     print(f"[4/4] report -> {out / 'report.md'}")
-    write_report(out, model, val, results)
+    write_report(out, model, val, results, cfg["val"])
     return 0
 
 
-def write_report(out: Path, model: torch.nn.Module, val: VOCDataset, results: dict, num_images: int = 4) -> None:
+def write_report(out: Path, model: torch.nn.Module, val: VOCDataset, results: dict, view: dict,
+                 num_images: int = 4) -> None:
     """``results.json``, ``report.md`` and one overlay picture per method."""
     write_bytes_atomic(out / "results.json", json.dumps({"methods": results}, indent=2).encode())
     best = max(results, key=lambda m: results[m]["miou"])
     lines = ["# wsss demo", "",
              "A small ViT trained from scratch on image-level labels of a synthetic set, localised with every method.",
-             "mIoU on the validation split with the best background threshold of an exhaustive sweep.", "",
+             "mIoU on the validation split with the best background threshold of an exhaustive sweep "
+             f"(views: scales {view['scales']}, flip {view['flip']}).", "",
              "| method | mIoU | threshold | ms / image |", "|---|---|---|---|"]
     for m, r in results.items():
         mark = " **(best)**" if m == best else ""
@@ -90,7 +92,7 @@ def write_report(out: Path, model: torch.nn.Module, val: VOCDataset, results: di
     batch = torch.stack([transform(im)[0] for im in images])
     classes = [[int(np.flatnonzero(val.labels(i))[0])] for i in picked]
     for method in results:
-        maps = localize(model, batch, classes, method=method)[:, 0].numpy()
+        maps = localize(model, batch, classes, method=method, scales=view["scales"], flip=view["flip"])[:, 0].numpy()
         top = np.concatenate([overlay(im, m) for im, m in zip(images, maps)], axis=1)
         bottom = np.concatenate([colorize(mk) for mk in masks], axis=1)
         picture = np.concatenate([top, bottom], axis=0)

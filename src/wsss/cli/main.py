@@ -11,7 +11,7 @@ from .. import __version__
 from ..errors import WSSSError
 
 # Modules under wsss.cli, in the order of the data flow; each has add_parser(subparsers) and run(args).
-SUBCOMMANDS = ("synth", "prepare", "check_data", "train", "cam", "pseudo", "eval", "demo")
+SUBCOMMANDS = ("synth", "prepare", "check_data", "train", "entropy", "cam", "pseudo", "predict", "eval", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

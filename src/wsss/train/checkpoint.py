@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -19,6 +21,7 @@ from torch import nn
 from ..data.io import write_bytes_atomic
 from ..errors import CheckpointError
 from ..models import create_model, load_into
+from ..segment.model import SPEC_KEY
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -64,8 +67,12 @@ def load_model(path: str | Path, **overrides: Any) -> nn.Module:
     if spec is None and "name" not in overrides:
         raise CheckpointError(f"{path}: no architecture stored in the checkpoint; pass the model name explicitly")
     spec = {**(spec or {}), **overrides}
+    if SPEC_KEY in spec:
+        raise CheckpointError(f"{path}: holds a segmentation model (backbone + decoder); load it with "
+                              f"wsss.segment.model.load_segmenter")
+    img_size = tuple(spec["img_size"]) if "img_size" in spec else 224
     model = create_model(spec["name"], head=spec.get("head", "token"), pool=spec.get("pool", "avg"),
-                         num_classes=spec.get("num_classes"), img_size=tuple(spec["img_size"]) if "img_size" in spec else 224)
+                         num_classes=spec.get("num_classes"), img_size=img_size)
     from ..models.weights import load_state_dict
 
     load_into(model, load_state_dict(path), source=str(path))
@@ -80,6 +87,7 @@ class CheckpointManager:
         self.keep = keep
 
     def latest(self) -> Path | None:
+        """The newest complete checkpoint folder, or None before the first; an inconsistent pointer is an error."""
         pointer = self.root / "latest"
         if not pointer.is_file():
             return None
@@ -89,6 +97,7 @@ class CheckpointManager:
         return path
 
     def save(self, step: int, model: nn.Module, spec: dict, state: dict[str, Any]) -> Path:
+        """Write ``step_<step>`` atomically, point ``latest`` at it and drop all but the ``keep`` newest."""
         name = f"step_{step:07d}"
         final = self.root / name
         tmp = self.root / f".{name}.tmp"
@@ -96,8 +105,14 @@ class CheckpointManager:
         tmp.mkdir(parents=True)
         save_model(tmp / MODEL_FILE, model, spec)
         torch.save(state, tmp / STATE_FILE)
-        shutil.rmtree(final, ignore_errors=True)
+        # Saving a step again (a finished run resumed): move the old copy aside first, so that ``latest`` never
+        # names a missing folder, whenever the process dies.
+        old = self.root / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         write_bytes_atomic(self.root / "latest", name.encode())
         self._prune(keep_name=name)
         return final
@@ -115,3 +130,28 @@ class CheckpointManager:
             return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"{path / STATE_FILE}: cannot read training state ({exc})") from exc
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random states (torch CPU and CUDA, Python, NumPy) in ``weights_only``-loadable types."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (the CUDA part only where CUDA is available)."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

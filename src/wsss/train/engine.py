@@ -1,8 +1,15 @@
 """The training engine shared by every objective: data, model, optimiser, checkpoints, resume, DDP, logging.
 
 One step = one global batch. ``torchrun`` processes shard each global batch (see :mod:`.sampler`), gradients are
-averaged by DDP, only rank 0 writes. A resumed run restores model, optimiser, scheduler, step and RNG states and
-continues the data order where it stopped, so it ends with the same weights as an uninterrupted run.
+averaged by DDP, logged numbers are averaged over the processes, and only rank 0 writes files. A resumed run
+restores model, optimiser, scheduler, step, objective state and every process's RNG states, and continues the data
+order where it stopped, so it ends with the same weights as an uninterrupted run.
+
+An objective is ``objective(model, batch, step) -> (loss, {name: float})``; ``model`` is DDP-wrapped under
+``torchrun``. Optional extras: ``build_model(backbone, spec)`` returns the model to train (recording its
+architecture in ``spec``); ``lr_scale(step)`` multiplies the scheduled learning rate; ``state_dict()`` /
+``load_state_dict(state)`` carry objective state across a resume (``weights_only``-loadable values). The logged
+names must be the same on every process.
 """
 
 from __future__ import annotations
@@ -11,85 +18,130 @@ import contextlib
 import json
 import logging
 import math
+import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data.transforms import build_transforms
 from ..data.voc import VOCDataset, collate
-from ..errors import ConfigError, WSSSError
-from ..models import create_model
-from .checkpoint import CheckpointManager, model_spec, save_model
-from .config import dump_config
-from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
+from ..errors import CheckpointError, ConfigError, WSSSError
+from ..models import create_model, load_into
+from ..models.weights import load_state_dict
+from .checkpoint import MODEL_FILE, CheckpointManager, model_spec, rng_state, save_model, set_rng_state
+from .config import dump_config, parse_yaml
+from .distributed import DistInfo, all_gather_objects, all_reduce_mean, barrier, init_distributed, shutdown
 from .objectives import build_objective
 from .optim import build_optimizer, build_scheduler
+from .runlog import RunLog
 from .sampler import ResumableBatchSampler
-from .validate import maps_miou
+from .validate import map_grid, maps_sweep, sweep_result
 
 log = logging.getLogger("wsss.train")
 
 
 class TrainingDiverged(WSSSError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or the gradients became NaN or infinite; the last good checkpoint is kept."""
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; asking for CUDA without one is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device must be auto, cpu or cuda, got {name!r}") from exc
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), Python's ``random`` and NumPy's global generator."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def worker_init(worker_id: int) -> None:
+    """One thread per data worker: N workers x N torch threads would oversubscribe small machines."""
+    torch.set_num_threads(1)
+
+
+def _flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 class Trainer:
-    """Builds everything from a config (see :mod:`.config`) and runs the loop."""
+    """Builds everything from a config (see :mod:`.config`) and runs the loop with :meth:`fit`."""
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
-        if not cfg["data"]["root"]:
+        data, m, t = cfg["data"], cfg["model"], cfg["train"]
+        if not data["root"]:
             raise ConfigError("data.root is not set (give data.root=PATH)")
-        self.device = pick_device(cfg["device"])
-        self.dist: DistInfo = init_distributed(self.device)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(self.device)
+        device = pick_device(cfg["device"])
+        self.dist: DistInfo = init_distributed(device)
+        self.device = torch.device("cuda", self.dist.local_rank) if device.type == "cuda" else device
         self.run_dir = Path(cfg["run_dir"])
-        torch.manual_seed(cfg["seed"] + self.dist.rank)
-        data = cfg["data"]
-        self.dataset = VOCDataset(data["root"], data["split"], transform=build_transforms(data["transforms"]),
-                                  min_label_fraction=data["min_label_fraction"], seed=cfg["seed"])
+        # Rank r is seeded with seed + r: model initialisation follows rank 0 (DDP broadcasts it), dropout differs.
+        seed_everything(cfg["seed"] + self.dist.rank)
+        transforms = data["transforms"]
+        self.mean, self.std = transforms.get("mean", [0.5] * 3), transforms.get("std", [0.5] * 3)
+        self.dataset = VOCDataset(data["root"], data["split"], transform=build_transforms(transforms),
+                                  labels_file=data["labels_file"], min_label_fraction=data["min_label_fraction"],
+                                  seed=cfg["seed"], mask_dir=data["mask_dir"], saliency_dir=data["saliency_dir"])
         self.classes = self.dataset.classes
-        self.sampler = ResumableBatchSampler(len(self.dataset), data["batch_size"], cfg["seed"], self.dist.rank,
-                                             self.dist.world_size)
-        m = cfg["model"]
-        self.model = create_model(m["name"], weights=m["weights"], num_classes=self.classes.num_fg, head=m["head"],
-                                  pool=m["pool"], drop_path_rate=m["drop_path_rate"]).to(self.device)
-        self.spec = model_spec(self.model, m["name"], {"classes": list(self.classes.names)})
-        self.objective = build_objective(cfg["method"], classes=self.classes, device=self.device,
-                                         mean=data["transforms"].get("mean", [0.5] * 3),
-                                         std=data["transforms"].get("std", [0.5] * 3))
-        self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
-                    if self.dist.enabled else self.model)
-        self.total_steps = cfg["train"]["steps"]
+        # Opened now, so that a validation split without masks fails before training, not after val.every steps.
+        self.val_dataset = (VOCDataset(data["root"], cfg["val"]["split"], require_masks=True)
+                            if cfg["val"]["every"] else None)
+        try:
+            self.sampler = ResumableBatchSampler(len(self.dataset), data["batch_size"], cfg["seed"], self.dist.rank,
+                                                 self.dist.world_size)
+        except ValueError as exc:
+            raise ConfigError(f"data.batch_size: {exc}") from exc
+        backbone = create_model(m["name"], weights=m["weights"], num_classes=self.classes.num_fg, head=m["head"],
+                                pool=m["pool"], drop_path_rate=m["drop_path_rate"])
+        self.spec = model_spec(backbone, m["name"], {"classes": list(self.classes.names)})
+        self.objective = build_objective(cfg["method"], classes=self.classes, device=self.device, mean=self.mean,
+                                         std=self.std)
+        # An objective may extend the backbone (e.g. with a segmentation decoder) and record how in the spec.
+        build = getattr(self.objective, "build_model", None)
+        self.model = (build(backbone, self.spec) if build is not None else backbone).to(self.device)
+        self.ddp: nn.Module = self.model
+        if self.dist.enabled:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                find_unused_parameters=t["find_unused_parameters"])
+        self.total_steps = t["steps"]
         self.optimizer = build_optimizer(self.model, cfg["optim"])
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg["optim"])
-        self.ckpt = CheckpointManager(self.run_dir, keep=cfg["train"]["keep_checkpoints"])
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg["optim"],
+                                         scale=getattr(self.objective, "lr_scale", None))
+        self.ckpt = CheckpointManager(self.run_dir, keep=t["keep_checkpoints"])
+        self.runlog = RunLog(self.run_dir, enabled=self.dist.is_main)
         self.step = 0
-        self.writer = None
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------------------------------------ state
 
     def state(self) -> dict[str, Any]:
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "torch_rng": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        """The training state of ``state.pt`` (a collective under DDP: every rank's RNG states are gathered)."""
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": all_gather_objects(rng_state(), self.dist),
+                 "world_size": self.dist.world_size}
+        if hasattr(self.objective, "state_dict"):
+            state["objective"] = self.objective.state_dict()
         return state
 
     def resume(self) -> bool:
@@ -97,89 +149,160 @@ class Trainer:
         path = self.ckpt.latest()
         if path is None:
             return False
-        from ..models import load_into
-        from ..models.weights import load_state_dict
-
-        load_into(self.model, load_state_dict(path / "model.safetensors"), source=str(path))
+        load_into(self.model, load_state_dict(path / MODEL_FILE), source=str(path / MODEL_FILE))
         state = self.ckpt.load_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if "objective" in state:
+                self.objective.load_state_dict(state["objective"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: the training state does not fit this config ({exc})") from exc
         self.step = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        log.info("resumed from %s at step %d", path, self.step)
+        rngs = state["rng"]
+        if len(rngs) != self.dist.world_size:
+            log.warning("%s was saved by %d processes, resumed by %d: random streams restart, so the run will not "
+                        "repeat an uninterrupted one exactly", path, len(rngs), self.dist.world_size)
+            seed_everything(self.cfg["seed"] + self.dist.rank + 7919 * self.step)
+        else:
+            set_rng_state(rngs[self.dist.rank])
         return True
 
-    # ------------------------------------------------------------------ loop
+    def _check_run_dir(self, resume: bool, resumed: bool) -> None:
+        """A new run never writes over an old one; a resumed one says which settings changed. Rank 0 decides for
+        every process (the others may not see the folder)."""
+        config_file = self.run_dir / "config.yaml"
+        taken = self.dist.is_main and not resume and (self.ckpt.root.exists() or (self.run_dir / MODEL_FILE).exists())
+        if all_gather_objects(taken, self.dist)[0]:
+            raise ConfigError(f"{self.run_dir} already holds a training run; pass --resume to continue it, or "
+                              f"choose another run_dir")
+        if resumed and config_file.is_file() and self.dist.is_main:
+            old, new = _flatten(parse_yaml(config_file.read_text()) or {}), _flatten(self.cfg)
+            changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            if changed:
+                log.warning("resuming with changed settings: %s",
+                            ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
 
-    def _batches(self):
+    # ------------------------------------------------------------------------------------------------- data
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         """Global batches from the current step on, across epoch boundaries, in a resumable order."""
-        per_epoch = self.sampler.batches_per_epoch
-        epoch, offset = divmod(self.step, per_epoch)
         data = self.cfg["data"]
+        epoch, offset = divmod(self.step, self.sampler.batches_per_epoch)
         while True:
             self.sampler.set_position(epoch, offset)
             self.dataset.set_epoch(epoch)  # workers fork at iter(), so they see this epoch
-            loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=data["num_workers"],
-                                collate_fn=collate, pin_memory=self.device.type == "cuda")
+            # A generator of our own: DataLoader draws worker seeds from it, so the global RNG (dropout, the
+            # objective's sampling) is not advanced at epoch starts, which a resumed run could not repeat.
+            generator = torch.Generator().manual_seed(self.cfg["seed"] * 1_000_003 + epoch)
+            workers = data["num_workers"]
+            loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
+                                pin_memory=self.device.type == "cuda", generator=generator,
+                                worker_init_fn=worker_init if workers else None)
             yield from loader
             epoch, offset = epoch + 1, 0
 
-    def _autocast(self):
-        if self.cfg["train"]["amp"] and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    # ------------------------------------------------------------------------------------------------- step
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast with ``train.amp`` (meant for CUDA; it also runs, slowly, on CPU). bf16 has float32's
+        range, so no loss scaling is needed."""
+        if self.cfg["train"]["amp"]:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _open_writer(self) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception:  # tensorboard is an optional extra
-            return
-        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+    def _diverged(self, what: str, value: float, logs: dict[str, float]) -> TrainingDiverged:
+        last = self.ckpt.latest()
+        kept = f"the last good checkpoint {last} is kept" if last is not None else "no checkpoint was written yet"
+        message = (f"training diverged: {what} is {value} at step {self.step} (logs {logs}); {kept}. "
+                   f"Lower optim.lr, add warm-up (optim.warmup_steps) or set train.grad_clip")
+        if self.dist.is_main:
+            log.error(message)
+        return TrainingDiverged(message)
+
+    def train_step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        """One optimisation step on this process's share of a global batch; returns its loss and logs.
+
+        Both checks use numbers every process agrees on (the loss averaged over processes, the all-reduced
+        gradients), so every process stops together, before the weights are touched."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss, logs = self.objective(self.ddp, batch, self.step)
+        loss = loss.float()
+        loss_mean = float(all_reduce_mean(loss.detach(), self.dist))
+        if not math.isfinite(loss_mean):
+            raise self._diverged("the loss", loss_mean, logs)
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg["train"]["grad_clip"]
+        if clip:
+            norm = nn.utils.clip_grad_norm_(params, clip)
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        if not math.isfinite(float(norm)):
+            raise self._diverged("the gradient norm", float(norm), logs)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return loss.detach(), logs
+
+    def _mean_over_ranks(self, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+        """Per-step means of the window's sums (over the steps that logged each name), averaged over processes
+        (equal shares of each global batch)."""
+        keys = sorted(sums)
+        values = torch.tensor([sums[k] / counts[k] for k in keys], dtype=torch.float64, device=self.device)
+        values = all_reduce_mean(values, self.dist).tolist()
+        return dict(zip(keys, values))
+
+    # -------------------------------------------------------------------------------------------------- fit
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train to ``train.steps``; returns the last logged scalars (and validation results)."""
-        cfg, main = self.cfg, self.dist.is_main
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-            self._setup_logging()
-            self._open_writer()
-        if resume:
-            self.resume()
-        self.model.train()
-        t_cfg = cfg["train"]
+        """Train to ``train.steps`` and return the last logged scalars (with ``val`` results when validating).
+
+        Writes (rank 0) ``config.yaml``, ``train.log``, ``metrics.jsonl``, ``checkpoints/``, the final
+        ``model.safetensors`` and ``summary.json`` into ``run_dir``. ``resume`` continues from the newest checkpoint
+        there (a fresh start when there is none); without it an existing run folder is an error.
+        """
+        cfg, t_cfg, main = self.cfg, self.cfg["train"], self.dist.is_main
         summary: dict[str, Any] = {}
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not main, desc="train", dynamic_ncols=True)
-        batches = self._batches()
-        t0, step0 = time.perf_counter(), self.step
+        batches, bar, finished = None, None, False
         try:
+            resumed = self.resume() if resume else False
+            self._check_run_dir(resume, resumed)
+            self.runlog.open(self.step if resumed else None)
+            if main and resumed:
+                log.info("resumed from %s at step %d", self.ckpt.latest(), self.step)
+            elif main and resume:
+                log.info("no checkpoint in %s: starting from step 0", self.ckpt.root)
+            if main:
+                (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            self.model.train()
+            batches = self._batches()  # after resume(): it starts at self.step
+            bar = tqdm(total=self.total_steps, initial=self.step, disable=not main, desc="train", dynamic_ncols=True)
+            sums: dict[str, float] = {}
+            counts: dict[str, int] = {}
+            count, busy, waiting = 0, 0.0, 0.0
             while self.step < self.total_steps:
-                batch = next(batches)
-                batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with self._autocast():
-                    loss, logs = self.objective(self.ddp, batch, self.step)
-                loss_all = all_reduce_mean(loss.detach().float(), self.dist)
-                if not math.isfinite(float(loss_all)):
-                    raise TrainingDiverged(
-                        f"loss is {float(loss_all)} at step {self.step} ({logs}); the last good checkpoint in "
-                        f"{self.ckpt.root} is kept; lower optim.lr or enable train.grad_clip")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if t_cfg["grad_clip"]:
-                    nn.utils.clip_grad_norm_(self.model.parameters(), t_cfg["grad_clip"])
-                self.optimizer.step()
-                self.scheduler.step()
-                self.step += 1
+                t0 = time.perf_counter()
+                batch = self._to_device(next(batches))
+                t1 = time.perf_counter()
+                loss, logs = self.train_step(batch)
+                for key, value in {"loss": float(loss), **logs}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                    counts[key] = counts.get(key, 0) + 1
+                count, waiting, busy = count + 1, waiting + t1 - t0, busy + time.perf_counter() - t0
                 bar.update(1)
                 if self.step % t_cfg["log_every"] == 0 or self.step == self.total_steps:
-                    summary = {"step": self.step, "loss": float(loss_all), "lr": self.scheduler.get_last_lr()[0],
-                               **logs,
-                               "images_per_s": (self.step - step0) * self.sampler.global_batch / (time.perf_counter() - t0)}
-                    bar.set_postfix(loss=f"{float(loss_all):.4f}")
-                    if main:
-                        self._log(summary)
+                    summary = {"step": self.step, **self._mean_over_ranks(sums, counts),
+                               "lr": self.scheduler.get_last_lr()[0],
+                               "images_per_s": count * self.sampler.global_batch / busy,
+                               "data_wait": waiting / busy}  # share of the step time spent waiting for data
+                    bar.set_postfix(loss=f"{summary['loss']:.4f}")
+                    self.runlog.scalars(self.step, summary)
+                    sums, counts, count, busy, waiting = {}, {}, 0, 0.0, 0.0
                 if t_cfg["ckpt_every"] and self.step % t_cfg["ckpt_every"] == 0 and self.step < self.total_steps:
                     self._save()
                 val_every = cfg["val"]["every"]
@@ -189,46 +312,52 @@ class Trainer:
             if cfg["val"]["every"]:
                 summary["val"] = self.validate()
             if main:
-                save_model(self.run_dir / "model.safetensors", self.model, self.spec)
+                save_model(self.run_dir / MODEL_FILE, self.model, self.spec)
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            finished = True
         finally:
-            bar.close()
-            if self.writer is not None:
-                self.writer.close()
-            shutdown(self.dist)
+            if batches is not None:
+                batches.close()  # stops the data workers now
+            if bar is not None:
+                bar.close()
+            self.runlog.close()
+            # DDP's reducer holds the process group; free it first, so that no gloo/NCCL object outlives the group
+            # and dies during interpreter shutdown (an abort).
+            self.ddp = self.model
+            shutdown(self.dist, synchronize=finished)
         return summary
 
     def _save(self) -> None:
+        state = self.state()  # every rank takes part (RNG states are gathered)
         if self.dist.is_main:
-            self.ckpt.save(self.step, self.model, self.spec, self.state())
+            self.ckpt.save(self.step, self.model, self.spec, state)
         barrier(self.dist)
+
+    # --------------------------------------------------------------------------------------------- validate
 
     def validate(self) -> dict[str, Any]:
-        """mIoU of the maps on ``val.split`` (rank 0 computes it; it is cheap next to training)."""
+        """mIoU of the ``val.method`` maps on ``val.split``: each process takes every world_size-th image and the
+        confusion counts are summed over processes. Rank 0 logs it, with a picture grid in TensorBoard."""
         v = self.cfg["val"]
-        result: dict[str, Any] = {}
-        if self.dist.is_main:
-            t = self.cfg["data"]["transforms"]
-            dataset = VOCDataset(self.cfg["data"]["root"], v["split"])
-            result = maps_miou(self.model, dataset, v["method"], v["scales"], v["flip"], v["thresholds"], v["limit"],
-                               device=self.device, mean=t.get("mean", [0.5] * 3), std=t.get("std", [0.5] * 3))
-            self.model.train()
-            self._log({"step": self.step, "val_miou": result["miou"], "val_threshold": result["threshold"]})
-        barrier(self.dist)
+        dataset = self.val_dataset
+        if dataset is None:  # validate() called directly, with val.every = 0
+            dataset = VOCDataset(self.cfg["data"]["root"], v["split"], require_masks=True)
+        n = len(dataset) if v["limit"] is None else min(v["limit"], len(dataset))
+        rank, world = self.dist.rank, self.dist.world_size
+        options = dict(method=v["method"], scales=v["scales"], flip=v["flip"], device=self.device, mean=self.mean,
+                       std=self.std)
+        # Validation must not move the training RNG streams (a resumed run does not repeat it).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            sweep = maps_sweep(self.model, dataset, thresholds=v["thresholds"], indices=range(rank, n, world),
+                               **options)
+            if self.dist.enabled:
+                sweep.all_reduce()
+            result = sweep_result(sweep, dataset)
+            if self.runlog.wants_images and v["images"]:
+                grid = map_grid(self.model, dataset, range(min(v["images"], n)), threshold=result["threshold"],
+                                **options)
+                self.runlog.image(f"val/{v['method']}", self.step, grid)
+        self.model.train()
+        self.runlog.scalars(self.step, {"val_miou": result["miou"], "val_threshold": result["threshold"],
+                                        "val_images": result["num_images"]})
         return result
-
-    def _setup_logging(self) -> None:
-        handler = logging.FileHandler(self.run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-
-    def _log(self, scalars: dict[str, Any]) -> None:
-        line = json.dumps({k: v for k, v in scalars.items() if not isinstance(v, dict)})
-        log.info(line)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(line + "\n")
-        if self.writer is not None:
-            for k, v in scalars.items():
-                if isinstance(v, (int, float)) and k != "step" and v is not None:
-                    self.writer.add_scalar(k, v, self.step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -58,6 +59,12 @@ def lr_factor(step: int, total: int, cfg: dict) -> float:
     raise ConfigError(f"optim.schedule must be cosine, poly or constant, got {schedule!r}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: dict) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: dict,
+                    scale: Callable[[int], float] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule of every group's learning rate: :func:`lr_factor`, times ``scale(step)`` when given (an
+    objective's phase-dependent factor, e.g. GETAM's x0.1 in its second phase)."""
     lr_factor(0, total_steps, cfg)  # validate the schedule name now, not at the first step
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+    if scale is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                             lambda step: lr_factor(step, total_steps, cfg) * float(scale(step)))

@@ -1,0 +1,381 @@
+"""The training engine: exact resume after a SIGKILL, divergence handling, run folder, checkpoints, schedules."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from wsss.data.synth import make_synthetic
+from wsss.data.voc import VOCDataset
+from wsss.errors import CheckpointError, ConfigError
+from wsss.models import create_model
+from wsss.train import Trainer, TrainingDiverged, load_config
+from wsss.train import engine as engine_module
+from wsss.train.checkpoint import CheckpointManager, load_model, read_spec, save_model
+from wsss.train.config import dump_config
+from wsss.train.objectives import build_objective
+from wsss.train.optim import build_optimizer, lr_factor, param_groups
+from wsss.train.validate import map_grid, maps_sweep, sweep_result
+from wsss.visualize import colorize
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return make_synthetic(tmp_path_factory.mktemp("synth"), num_train=24, num_val=4, size=32)
+
+
+def tiny_overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A 4-block, 64-wide ViT on 32x32 crops: 24 images / batch 4 = 6 steps per epoch."""
+    return [f"data.root={root}", f"run_dir={run_dir}", "device=cpu", "model.name=vit_nano_patch16",
+            "data.batch_size=4", "data.num_workers=0",
+            "data.transforms={crop: 32, scale: [0.5, 1.0], hflip: true}",
+            "optim.lr=1e-3", "optim.warmup_steps=2", "train.log_every=2", "val.thresholds=[0.0, 1.0, 0.05]",
+            *extra]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------- resume
+
+STALLING_RUN = """
+import sys, time, pathlib, torch
+torch.set_num_threads(int(sys.argv[1]))
+from wsss.train import engine
+marker, stall_step = pathlib.Path(sys.argv[2]), int(sys.argv[3])
+real_build = engine.build_objective
+
+def build(cfg, **context):
+    objective = real_build(cfg, **context)
+    def stalling(model, batch, step):
+        if step == stall_step:  # after the checkpoint before it is complete: wait to be killed
+            marker.write_text(str(step))
+            time.sleep(300)
+        return objective(model, batch, step)
+    return stalling
+
+engine.build_objective = build
+from wsss.cli.main import main
+sys.exit(main(["train", "--config", sys.argv[4]]))
+"""
+
+
+def test_sigkilled_run_resumes_to_the_same_weights(synth, tmp_path):
+    """Run B is SIGKILLed mid-epoch 1 (checkpoint at step 8, metrics logged to step 10, killed inside step 11),
+    resumed with --resume, and ends bit-identical to the uninterrupted run A, with the same logged losses.
+    Drop-path makes the global RNG matter, the random resized crop the augmentation streams, and B's data worker
+    the worker seeding."""
+    common = ["train.steps=12", "train.ckpt_every=4", "model.drop_path_rate=0.1", "val.every=0"]
+    cfg_b = load_config(None, tiny_overrides(synth, tmp_path / "b", *common, "data.num_workers=1"))
+    config_file = tmp_path / "b.yaml"
+    config_file.write_text(dump_config(cfg_b))
+    marker = tmp_path / "stalled"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", STALLING_RUN, str(torch.get_num_threads()), str(marker), "10",
+                             str(config_file)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # The uninterrupted run, while B starts up.
+        summary_a = Trainer(load_config(None, tiny_overrides(synth, tmp_path / "a", *common))).fit()
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "run B never reached step 11"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    run_b = tmp_path / "b"
+    assert (run_b / "checkpoints" / "latest").read_text() == "step_0000008"
+    assert not (run_b / "model.safetensors").exists()
+    assert [m["step"] for m in metric_lines(run_b)] == [2, 4, 6, 8, 10]
+
+    summary_b = Trainer(cfg_b).fit(resume=True)
+
+    final_a, final_b = weights(tmp_path / "a" / "model.safetensors"), weights(run_b / "model.safetensors")
+    assert final_a.keys() == final_b.keys()
+    for key in final_a:
+        assert torch.equal(final_a[key], final_b[key]), key
+    # The resumed steps did change the weights, so equality is not that of two copies of the checkpoint.
+    at_kill = weights(run_b / "checkpoints" / "step_0000008" / "model.safetensors")
+    assert not torch.equal(final_b["blocks.0.attn.qkv.weight"], at_kill["blocks.0.attn.qkv.weight"])
+    assert summary_a["loss"] == summary_b["loss"]
+    # metrics.jsonl: B's lines up to the checkpoint are kept, those after it redone once, the losses are A's.
+    lines_a, lines_b = metric_lines(tmp_path / "a"), metric_lines(run_b)
+    assert [m["step"] for m in lines_b] == [2, 4, 6, 8, 10, 12] == [m["step"] for m in lines_a]
+    assert [m["loss"] for m in lines_b] == [m["loss"] for m in lines_a]
+    assert "resumed from" in (run_b / "train.log").read_text()
+
+
+def test_run_folder_contents_and_checkpoints(synth, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(synth, run, "train.steps=6", "train.ckpt_every=2",
+                                           "train.keep_checkpoints=2", "val.every=3", "val.images=2"))
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "train.log", "metrics.jsonl", "checkpoints",
+                                               "model.safetensors", "summary.json"}
+    assert load_config(run / "config.yaml") == cfg
+    # Two kept checkpoints (steps 4 and 6), ``latest`` at the final one, each complete.
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["step_0000004", "step_0000006"]
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000006"
+    for name in ckpts:
+        assert {p.name for p in (run / "checkpoints" / name).iterdir()} == {"model.safetensors", "state.pt"}
+    # state.pt holds plain data only.
+    state = torch.load(run / "checkpoints" / "step_0000006" / "state.pt", weights_only=True)
+    assert state["step"] == 6 and state["world_size"] == 1 and len(state["rng"]) == 1
+    assert state["scheduler"]["last_epoch"] == 6
+    # The final model rebuilds from its metadata alone and equals the trained one.
+    spec = read_spec(run / "model.safetensors")
+    assert spec["name"] == "vit_nano_patch16" and spec["num_classes"] == 4 and spec["classes"][0] == "background"
+    model = load_model(run / "model.safetensors")
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    # Validation ran at steps 3 and 6 on all 4 images.
+    lines = metric_lines(run)
+    val = [m for m in lines if "val_miou" in m]
+    assert [m["step"] for m in val] == [3, 6] and all(m["val_images"] == 4 for m in val)
+    assert summary["val"]["miou"] == pytest.approx(val[-1]["val_miou"])
+    assert 0.0 <= summary["val"]["miou"] <= 1.0 and summary["images_per_s"] > 0
+    assert json.loads((run / "summary.json").read_text())["step"] == 6
+    # A new run into the same folder is refused; nothing was touched.
+    with pytest.raises(ConfigError, match="--resume"):
+        Trainer(cfg).fit()
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000006"
+
+
+def test_tensorboard_gets_scalars_and_map_grid(synth, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides(synth, run, "train.steps=2", "val.every=2", "val.images=3"))).fit()
+    acc = event_accumulator.EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert {"loss", "lr", "val_miou", "images_per_s"} <= set(acc.Tags()["scalars"])
+    [image] = acc.Images("val/cam")
+    assert (image.height, image.width) == (3 * 128, 4 * 128)
+
+
+def test_map_grid_cells(synth):
+    """Ground-truth cell = the coloured mask upsampled 4x; pseudo-label cell = the maps thresholded."""
+    dataset = VOCDataset(synth, "val")
+    torch.manual_seed(0)
+    model = create_model("vit_nano_patch16", num_classes=4).eval()
+    grid = map_grid(model, dataset, [1], "cam", threshold=0.3)
+    mask = dataset.load_mask(1)
+    assert grid.shape == (128, 512, 3)
+    np.testing.assert_array_equal(grid[:, 128:256], colorize(mask).repeat(4, axis=0).repeat(4, axis=1))
+    from wsss.evaluate import maps_to_labels
+    from wsss.localize.split import iter_split_maps
+    [(_, maps, labels)] = list(iter_split_maps(model, dataset, "cam", indices=[1]))
+    pseudo = maps_to_labels(maps, labels, 0.3, True)
+    np.testing.assert_array_equal(grid[:, 256:384], colorize(pseudo).repeat(4, axis=0).repeat(4, axis=1))
+
+
+def test_validation_shards_add_up(synth):
+    dataset = VOCDataset(synth, "val")
+    torch.manual_seed(1)
+    model = create_model("vit_nano_patch16", num_classes=4).eval()
+    whole = maps_sweep(model, dataset, "cam")
+    shards = maps_sweep(model, dataset, "cam", indices=[0, 2]).merge(maps_sweep(model, dataset, "cam", indices=[1, 3]))
+    np.testing.assert_array_equal(whole.matrices, shards.matrices)
+    assert sweep_result(shards, dataset)["num_images"] == 4
+
+
+# ---------------------------------------------------------------------------------------------- divergence
+
+def poisoned(at_step: int, how: str):
+    """An objective factory: classification, except that step ``at_step`` goes wrong."""
+
+    def build(cfg, **context):
+        objective = build_objective(cfg, **context)
+
+        def call(model, batch, step):
+            loss, logs = objective(model, batch, step)
+            if step == at_step and how == "loss":
+                loss = loss * float("nan")
+            elif step == at_step and how == "grad":
+                # Finite (zero) loss term whose gradient is 0 * inf = NaN.
+                zero = (model.module if hasattr(model, "module") else model).cls_token.sum() * 0
+                loss = loss + torch.sqrt(zero.abs())
+            return loss, logs
+
+        return call
+
+    return build
+
+
+@pytest.mark.parametrize("how, what", [("loss", "the loss is nan"), ("grad", "the gradient norm is nan")])
+def test_nan_stops_and_keeps_the_last_good_checkpoint(synth, tmp_path, monkeypatch, how, what):
+    monkeypatch.setattr(engine_module, "build_objective", poisoned(3, how))
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(None, tiny_overrides(synth, run, "train.steps=6", "train.ckpt_every=2")))
+    with pytest.raises(TrainingDiverged, match=f"{what} at step 3") as info:
+        trainer.fit()
+    assert "step_0000002" in str(info.value)
+    # Nothing was written after step 2: latest points at it, it loads, and its weights are the ones of step 3's
+    # start (the poisoned step did not update them).
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000002"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000002"]
+    assert not (run / "model.safetensors").exists()
+    saved = load_model(run / "checkpoints" / "step_0000002")
+    state = CheckpointManager(run).load_state(run / "checkpoints" / "step_0000002")
+    assert state["step"] == 2
+    for key, value in saved.state_dict().items():
+        assert torch.isfinite(value).all()
+    assert trainer.step == 3
+    assert "training diverged" in (run / "train.log").read_text()
+
+
+# ------------------------------------------------------------------------------------ logging, lr scale
+
+class Recording:
+    """Classification that records its losses, logs a name only from step 1 on, and halves the lr from step 2."""
+
+    def __init__(self, cfg, **context):
+        self.inner = build_objective(cfg, **context)
+        self.losses: list[float] = []
+
+    def lr_scale(self, step: int) -> float:
+        return 0.5 if step >= 2 else 1.0
+
+    def __call__(self, model, batch, step):
+        loss, logs = self.inner(model, batch, step)
+        self.losses.append(float(loss.detach()))
+        return loss, {**logs, **({"late": float(step)} if step >= 1 else {})}
+
+
+def test_logged_numbers_are_window_means_and_the_objective_scales_the_lr(synth, tmp_path, monkeypatch):
+    made: list[Recording] = []
+    monkeypatch.setattr(engine_module, "build_objective", lambda cfg, **c: made.append(Recording(cfg, **c)) or made[-1])
+    run = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides(synth, run, "train.steps=4", "train.log_every=4",
+                                             "optim.schedule=constant", "optim.warmup_steps=0"))).fit()
+    [line] = metric_lines(run)
+    assert line["step"] == 4
+    assert line["loss"] == pytest.approx(sum(made[0].losses) / 4, rel=1e-12)
+    assert line["late"] == pytest.approx((1 + 2 + 3) / 3)  # averaged over the steps that logged it
+    assert line["lr"] == pytest.approx(1e-3 * 0.5)
+    assert 0.0 <= line["data_wait"] <= 1.0 and line["images_per_s"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- precision
+
+def test_bf16_autocast_trains(synth, tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(None, tiny_overrides(synth, run, "train.steps=2", "train.amp=true",
+                                                       "train.log_every=1")))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    summary = trainer.fit()
+    after = trainer.model.state_dict()
+    assert math.isfinite(summary["loss"]) and 0.1 < summary["loss"] < 2.0
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert not torch.equal(before["blocks.0.attn.qkv.weight"], after["blocks.0.attn.qkv.weight"])
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_of_another_architecture_is_refused(synth, tmp_path):
+    run = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides(synth, run, "train.steps=1"))).fit()
+    other = load_config(None, tiny_overrides(synth, run, "train.steps=2", "model.name=vit_pico_patch8"))
+    with pytest.raises(CheckpointError) as info:
+        Trainer(other).fit(resume=True)
+    message = str(info.value)
+    assert "model.safetensors" in message and "missing keys" in message and "blocks.4.attn.qkv.weight" in message
+    assert "shape mismatch for pos_embed" in message
+
+
+def test_checkpoint_manager_survives_a_kill_during_save(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("vit_nano_patch16", num_classes=2)
+    spec = {"name": "vit_nano_patch16", "head": "token", "pool": "avg", "num_classes": 2, "img_size": [64, 64]}
+    manager = CheckpointManager(tmp_path, keep=2)
+    assert manager.latest() is None
+    manager.save(3, model, spec, {"step": 3})
+    # A save killed half-way leaves only a hidden temporary folder behind.
+    (manager.root / ".step_0000005.tmp").mkdir()
+    assert manager.latest() == manager.root / "step_0000003"
+    # Saving the same step again replaces it in place.
+    manager.save(3, model, spec, {"step": 3, "again": True})
+    assert manager.load_state(manager.latest())["again"] is True
+    for step in (4, 5, 6):
+        manager.save(step, model, spec, {"step": step})
+    assert sorted(p.name for p in manager.root.glob("step_*")) == ["step_0000005", "step_0000006"]
+    # A pointer at a folder that is gone is an error, not a silent fresh start.
+    (manager.root / "latest").write_text("step_0000009")
+    with pytest.raises(CheckpointError, match="step_0000009"):
+        manager.latest()
+    # A state file that is not a torch file is a CheckpointError naming it.
+    (manager.root / "step_0000006" / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="state.pt"):
+        manager.load_state(manager.root / "step_0000006")
+
+
+def test_load_model_without_metadata_needs_a_name(tmp_path):
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = create_model("vit_nano_patch16", num_classes=3)
+    path = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.raises(CheckpointError, match="no architecture"):
+        load_model(path)
+    loaded = load_model(path, name="vit_nano_patch16", num_classes=3, img_size=[64, 64])
+    assert torch.equal(loaded.state_dict()["head.weight"], model.state_dict()["head.weight"])
+    # A segmentation run's model is not a bare backbone: say which loader to use.
+    seg = tmp_path / "seg.safetensors"
+    save_model(seg, model, {"name": "vit_nano_patch16", "num_classes": 3, "segmenter": {"num_classes": 4}})
+    with pytest.raises(CheckpointError, match="load_segmenter"):
+        load_model(seg)
+
+
+# ------------------------------------------------------------------------------------------ optimiser, lr
+
+def test_learning_rate_schedules():
+    cosine = {"lr": 1.0, "schedule": "cosine", "warmup_steps": 2, "min_lr": 0.1}
+    assert [lr_factor(s, 12, cosine) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 12, cosine) == pytest.approx(1.0)
+    assert lr_factor(7, 12, cosine) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert lr_factor(12, 12, cosine) == pytest.approx(0.1)
+    poly = {"lr": 0.01, "schedule": "poly", "poly_power": 0.9}
+    assert lr_factor(5, 10, poly) == pytest.approx(0.5 ** 0.9)
+    assert lr_factor(3, 10, {"lr": 1.0, "schedule": "constant"}) == 1.0
+    with pytest.raises(ConfigError, match="schedule"):
+        lr_factor(0, 10, {"lr": 1.0, "schedule": "step"})
+
+
+def test_param_groups_and_the_authors_sgd_quirk():
+    model = create_model("vit_nano_patch16", num_classes=2)
+    groups = param_groups(model, 0.05, 1e-3, 10.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_name = {names[id(p)]: g for g in groups for p in g["params"]}
+    assert by_name["blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
+    assert by_name["blocks.0.attn.qkv.weight"]["lr"] == pytest.approx(1e-3)
+    for no_decay in ("pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"):
+        assert by_name[no_decay]["weight_decay"] == 0.0, no_decay
+    assert by_name["head.weight"]["lr"] == pytest.approx(1e-2) and by_name["head.weight"]["weight_decay"] == 0.05
+    assert len(by_name) == len(list(model.parameters()))
+    cfg = load_config(None, ["optim.name=sgd", "optim.weight_decay=1e-4", "optim.lr=0.01",
+                             "optim.authors_sgd_quirk=true"])["optim"]
+    opt = build_optimizer(model, cfg)
+    assert all(g["momentum"] == 1e-4 and g["weight_decay"] == 0.0 for g in opt.param_groups)
