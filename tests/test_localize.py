@@ -126,3 +126,16 @@ def test_zero_shot_horses_agree_with_independent_implementation(shared_data, vit
         assert corr >= 0.99
     assert abs(_best_miou(ours, masks) - _best_miou(ref, masks)) <= 0.01
     assert _best_miou(ours, masks) > 0.45  # the maps localise horses, not noise
+
+
+def test_prefix_only_last_block_and_partial_capture_keep_logits():
+    model = _small_model()
+    x = torch.randn(2, 3, 32, 32)
+    full = model(x, attn=True)
+    fast = model(x, attn=True, prefix_only_last=True, capture_from_block=2)
+    torch.testing.assert_close(fast.logits, full.logits, atol=1e-5, rtol=1e-5)
+    assert fast.attn[0] is None and fast.attn[1] is None
+    torch.testing.assert_close(fast.attn[2], full.attn[2])
+    torch.testing.assert_close(fast.attn[-1], full.attn[-1][:, :, :1])  # only the class-token query row
+    with pytest.raises(ValueError, match="token head"):
+        _small_model(head="gap")(x, prefix_only_last=True)

@@ -19,6 +19,7 @@ class ACR(AttentionGradients):
     def __init__(self, model: nn.Module, score_fn: ScoreFn = class_logits, start_layer: int | None = None,
                  refine: bool = True):
         super().__init__(model, score_fn)
+        self.reads_all_attention = refine
         self.start_layer = model.depth - 2 if start_layer is None else start_layer % model.depth
         self.refine = refine
 

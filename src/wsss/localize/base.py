@@ -61,6 +61,8 @@ def batched_grads(scores: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
     nothing below the earliest input is traversed.
     """
     k = scores.shape[1]
+    if k == 1:  # a single product needs no batching machinery
+        return [g[None] for g in torch.autograd.grad(scores, list(inputs), grad_outputs=torch.ones_like(scores))]
     eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
     grad_out = eye[:, None, :].expand(k, scores.shape[0], k)
     return list(torch.autograd.grad(scores, list(inputs), grad_outputs=grad_out, is_grads_batched=True))

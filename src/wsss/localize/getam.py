@@ -30,9 +30,17 @@ class AttentionGradients(Localizer):
     needs_grad = True
     start_layer: int
 
+    # Whether the method also reads the last block's patch-to-patch attention (ACR's affinity does).
+    reads_all_attention: bool = False
+
     def class_token_rows(self, images: Tensor, classes: Tensor):
         """``(out, rows)``: each read block's ``(attention row, gradient row)`` of each class, ``(B, K, H, T)``."""
-        out = self.model(images, attn=True, grad_from_block=self.start_layer)
+        # With a class-token head and the default target nothing reads the last block's patch outputs, so that
+        # block computes only the class token; blocks below start_layer skip the attention capture.
+        prefix_only = (getattr(self.model, "head_type", None) == "token" and self.score_fn is class_logits
+                       and not self.reads_all_attention)
+        out = self.model(images, attn=True, grad_from_block=self.start_layer, prefix_only_last=prefix_only,
+                         capture_from_block=0 if self.reads_all_attention else self.start_layer)
         attn = out.attn[self.start_layer :]
         grads = batched_grads(self.scores(out, classes), attn)
         query = query_rows(self.model, classes)

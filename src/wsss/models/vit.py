@@ -70,9 +70,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, capture: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def forward(self, x: Tensor, capture: bool = False,
+                num_queries: int | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         b, t, d = x.shape
         q, k, v = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if num_queries is not None:  # only the first tokens' outputs are wanted (keys and values stay complete)
+            q = q[:, :, :num_queries]
+            t = num_queries
         if capture:
             logits = (q * self.scale) @ k.transpose(-2, -1)
             attn = logits.softmax(dim=-1)
@@ -121,8 +125,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x: Tensor, capture: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        y, attn, logits = self.attn(self.norm1(x), capture)
+    def forward(self, x: Tensor, capture: bool = False,
+                num_queries: int | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        y, attn, logits = self.attn(self.norm1(x), capture, num_queries)
+        if num_queries is not None:
+            x = x[:, :num_queries]
         x = x + self.drop_path(y)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, attn, logits
@@ -228,7 +235,7 @@ class VisionTransformer(nn.Module):
         return torch.cat([prefix, patches.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
 
     def forward(self, x: Tensor, *, attn: bool = False, attn_logits: bool = False, hidden: bool = False,
-                grad_from_block: int = 0) -> ViTOutput:
+                grad_from_block: int = 0, capture_from_block: int = 0, prefix_only_last: bool = False) -> ViTOutput:
         """Run the network.
 
         Args:
@@ -238,7 +245,13 @@ class VisionTransformer(nn.Module):
             hidden: return every block's output tokens.
             grad_from_block: blocks below this index run without building a graph, so a backward pass
                 stops there (the localisers only read later blocks).
+            capture_from_block: blocks below this index take the fast path and return ``None`` attention.
+            prefix_only_last: the last block computes only the prefix (class) tokens' outputs, which is all a
+                ``token`` head reads; its attention is then ``(B, heads, num_prefix, T)`` and ``tokens`` holds only
+                the prefix tokens.
         """
+        if prefix_only_last and self.head_type != "token":
+            raise ValueError("prefix_only_last needs a token head (the other heads read the patch tokens)")
         capture = attn or attn_logits
         tokens, grid = self.patch_embed(x)
         b = tokens.shape[0]
@@ -247,9 +260,11 @@ class VisionTransformer(nn.Module):
             prefix.append(self.dist_token.expand(b, -1, -1))
         tokens = self.pos_drop(torch.cat(prefix + [tokens], dim=1) + self.interpolate_pos_embed(grid))
         out = ViTOutput(logits=tokens, tokens=tokens, grid=grid, num_prefix=self.num_prefix)
+        last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
+            queries = self.num_prefix if prefix_only_last and i == last else None
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= grad_from_block):
-                tokens, a, lg = blk(tokens, capture)
+                tokens, a, lg = blk(tokens, capture and i >= capture_from_block, queries)
             if attn:
                 out.attn.append(a)
             if attn_logits:
