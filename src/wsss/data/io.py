@@ -99,7 +99,10 @@ def read_mask(path: str | Path, num_classes: int | None = None) -> np.ndarray:
 
 def check_labels(mask: np.ndarray, num_classes: int, path: str | Path | None = None) -> None:
     """Raise :class:`DataError` if ``mask`` holds a value outside ``0..num_classes-1`` and 255."""
-    values = np.unique(mask)
+    if mask.dtype == np.uint8:  # a 256-bin histogram is several times faster than np.unique
+        values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
+    else:
+        values = np.unique(mask)
     bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
     if bad.size:
         raise DataError(
