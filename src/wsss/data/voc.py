@@ -33,6 +33,7 @@ from .transforms import mask_to_tensor, to_tensor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 LABEL_FILE_NAMES = ("labels.json", "labels.csv")
+SALIENCY_BIT = 256  # saliency travels through the transforms packed above the mask's 0..255 labels
 
 Transform = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -160,6 +161,10 @@ class VOCDataset(torch.utils.data.Dataset):
     A split must have a mask for every image or for none (``require_masks`` demands them). Without masks
     the labels come from a labels file; with ``require_labels=False`` and no file, the labels are all zero
     and ``has_labels`` is False (for prediction on unlabelled images).
+
+    ``mask_dir`` reads the masks from another folder (e.g. pseudo labels, ``<mask_dir>/<id>.png``) instead
+    of ``ROOT/SegmentationClass``. ``saliency_dir`` adds ``saliency`` (long ``(H, W)``, 1 = salient, i.e.
+    ``<saliency_dir>/<id>.png`` > 0) to each item, under the same geometric transform as the mask.
     """
 
     def __init__(
@@ -172,8 +177,12 @@ class VOCDataset(torch.utils.data.Dataset):
         require_masks: bool = False,
         require_labels: bool = True,
         seed: int | None = None,
+        mask_dir: str | Path | None = None,
+        saliency_dir: str | Path | None = None,
     ):
         self.root = Path(root)
+        self.mask_dir = self.root / "SegmentationClass" if mask_dir is None else Path(mask_dir)
+        self.saliency_dir = None if saliency_dir is None else Path(saliency_dir)
         self.split = split
         self.transform = transform
         if not 0.0 <= min_label_fraction < 1.0:
@@ -241,7 +250,17 @@ class VOCDataset(torch.utils.data.Dataset):
 
     def mask_path(self, image_id: str) -> Path:
         """Path of a mask (it may not exist when the dataset has none)."""
-        return self.root / "SegmentationClass" / f"{image_id}.png"
+        return self.mask_dir / f"{image_id}.png"
+
+    def load_saliency(self, index: int, image_size: tuple[int, int]) -> np.ndarray:
+        """The binary saliency ``(H, W)`` uint8 (1 where ``<saliency_dir>/<id>.png`` > 0)."""
+        if self.saliency_dir is None:
+            raise ConfigError("this dataset has no saliency_dir")
+        path = self.saliency_dir / f"{self.ids[index]}.png"
+        saliency = read_mask(path)
+        if tuple(saliency.shape) != tuple(image_size):
+            raise DataError(path, f"saliency size {saliency.shape} differs from the image size {image_size} (HxW)")
+        return (saliency > 0).astype(np.uint8)
 
     def load_image(self, index: int) -> np.ndarray:
         """The image as uint8 ``(H, W, 3)``."""
@@ -298,18 +317,29 @@ class VOCDataset(torch.utils.data.Dataset):
         else:
             mask_array = np.full((height, width), IGNORE_INDEX, dtype=np.uint8)
         image_t, mask_t = to_tensor(image), mask_to_tensor(mask_array)
+        saliency_t = None
+        if self.saliency_dir is not None:
+            # The saliency bit rides above the 0..255 labels, so one transform gives both the same geometry;
+            # padding (mask 255) decodes as not salient, as the authors zero-pad their saliency maps.
+            salient = torch.from_numpy(self.load_saliency(index, (height, width))).long()
+            mask_t = mask_t + SALIENCY_BIT * salient
         if self.transform is not None:
             image_t, mask_t = self.transform(image_t, mask_t, self.generator(index))
+        if self.saliency_dir is not None:
+            saliency_t, mask_t = mask_t // SALIENCY_BIT, mask_t % SALIENCY_BIT
         if self._file_labels is None and self.has_masks:
             label = labels_from_mask(mask_t, self.classes, self.min_label_fraction)
         else:
             label = self.labels(index)
-        return {
+        item = {
             "image": image_t,
             "mask": mask_t,
             "label": torch.from_numpy(label),
             "id": self.ids[index],
         }
+        if saliency_t is not None:
+            item["saliency"] = saliency_t
+        return item
 
 
 def collate(batch: list[dict[str, Any]], pad_image: float = 0.0) -> dict[str, Any]:
@@ -317,17 +347,24 @@ def collate(batch: list[dict[str, Any]], pad_image: float = 0.0) -> dict[str, An
     heights = [item["image"].shape[-2] for item in batch]
     widths = [item["image"].shape[-1] for item in batch]
     height, width = max(heights), max(widths)
-    first = batch[0]["image"]
+    first_item = batch[0]
+    first = first_item["image"]
     images = torch.full((len(batch), first.shape[0], height, width), pad_image, dtype=first.dtype)
     masks = torch.full((len(batch), height, width), IGNORE_INDEX, dtype=torch.long)
+    saliency = torch.zeros((len(batch), height, width), dtype=torch.long) if "saliency" in first_item else None
     for k, item in enumerate(batch):
         h, w = item["image"].shape[-2:]
         images[k, :, :h, :w] = item["image"]
         masks[k, :h, :w] = item["mask"]
-    return {
+        if saliency is not None:
+            saliency[k, :h, :w] = item["saliency"]
+    out = {
         "image": images,
         "mask": masks,
         "label": torch.stack([item["label"] for item in batch]),
         "id": [item["id"] for item in batch],
         "size": torch.tensor([[h, w] for h, w in zip(heights, widths)]),
     }
+    if saliency is not None:
+        out["saliency"] = saliency
+    return out

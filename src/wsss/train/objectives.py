@@ -13,6 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..segment.objective import SegmentationObjective
+from .acr import ACRObjective
+from .aream import AReAMObjective
+from .getam import GETAMObjective
 
 
 def multilabel_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -39,7 +43,13 @@ class Classification:
         return loss, logs
 
 
-OBJECTIVES: dict[str, Callable[..., Any]] = {"classification": Classification}
+OBJECTIVES: dict[str, Callable[..., Any]] = {
+    "classification": Classification,
+    "segmentation": SegmentationObjective,
+    "getam": GETAMObjective,
+    "acr": ACRObjective,
+    "aream": AReAMObjective,
+}
 
 
 def build_objective(cfg: dict, **context: Any):
