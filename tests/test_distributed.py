@@ -114,7 +114,8 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 
     # Only rank 0 wrote: the same files as the single run, one event file, one summary on stdout.
     assert files(ddp) == files(one)
-    assert len(list((ddp / "tb").iterdir())) == 1
+    if (one / "tb").is_dir():  # TensorBoard is an optional extra
+        assert len(list((ddp / "tb").iterdir())) == 1
     assert out.count("val mIoU of the cam maps") == 1
     # Both ranks' random states are in the checkpoint, and they differ (rank r is seeded with seed + r).
     state = torch.load(ddp / "checkpoints" / "step_0000008" / "state.pt", weights_only=True)
