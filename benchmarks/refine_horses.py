@@ -120,6 +120,15 @@ def run_pseudo(root: Path, split: str, maps_dir: Path, affinity_dir: Path, refin
     return 0.0 if existed else time.perf_counter() - start
 
 
+def label_folder(refine: str, args: argparse.Namespace) -> str:
+    """A results folder name that changes with every setting of the refinement (reruns reuse only equal ones)."""
+    if refine == "affinity":
+        return f"affinity_p{args.affinity_power:g}_s{args.affinity_steps}"
+    if refine == "crf":
+        return f"crf_{args.crf_preset}"
+    return refine
+
+
 def subset_root(root: Path, split: str, limit: int | None, work: Path) -> tuple[Path, str]:
     """The dataset root and split to use: with ``limit``, a view of the root with a split of the first N ids."""
     if limit is None:
@@ -150,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     for refine in args.refinements:
         runs = {}
         for t in thresholds:
-            out = work / "labels" / f"{refine}_{t:.2f}"
+            out = work / "labels" / f"{label_folder(refine, args)}_{t:.2f}"
             seconds = run_pseudo(root, split, maps_dir, affinity_dir, refine, t, out, args)
             metrics = evaluate(root, split, out)
             runs[f"{t:.2f}"] = {"miou": metrics["miou"], "iou": metrics["iou"],
