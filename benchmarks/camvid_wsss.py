@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-timing", action="store_true", help="skip the cost-per-step measurement")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every method, e.g. --set model.head=gap (repeatable)")
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: the preset's)")
     parser.add_argument("--run-root", type=Path, default=None, help="where the runs go (default: a temp folder)")
     parser.add_argument("--resume", action="store_true",
@@ -82,7 +84,7 @@ def method_config(method: str, args: argparse.Namespace, data: Path, weights: Pa
                  f"data.split={args.train_split}", "val.every=0"]
     if args.workers is not None:
         overrides.append(f"data.num_workers={args.workers}")
-    cfg = load_config(PRESETS[method], overrides)
+    cfg = load_config(PRESETS[method], overrides + list(args.overrides))
     if args.steps is not None:
         factor = args.steps / cfg["train"]["steps"]
         for section, key in STEP_KEYS:
@@ -204,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([method, r["steps"], r["batch_size"], train_s, r["natural_map"],
                      f"{100 * natural['miou']:.2f}", f"{100 * r['maps']['cam']['miou']:.2f}",
                      "—" if step_s is None else f"{step_s:.2f}", "—" if cost is None else f"{cost:.2f}x"])
-    print(markdown_table(["method", "steps", "batch", "train s", "map", f"map mIoU ({args.split})",
-                          f"cam mIoU ({args.split})", f"step s ({clock}, batch {args.time_batch})", "step cost vs baseline"],
-                         rows))
+    headers = ["method", "steps", "batch", "train s", "map", f"map mIoU ({args.split})", f"cam mIoU ({args.split})",
+               f"step s ({clock}, batch {args.time_batch})", "step cost vs baseline"]
+    print(markdown_table(headers, rows))
     write_json(args.out, report(args, data, results))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -1,7 +1,8 @@
 """``wsss predict``: label PNGs of a split from a trained segmentation model (multi-scale, flip, optional CRF).
 
 Images whose ``OUT/<id>.png`` exists are skipped, so an interrupted run resumes where it stopped; each PNG is
-written atomically. The normalisation (mean/std) and the class list come from the checkpoint.
+written atomically. The normalisation (mean/std) and the class list come from the checkpoint. Scales are relative
+to each image's own size (GETAM's test instead resizes to squares of 256, 320 and 480, distorting the aspect ratio).
 """
 
 from __future__ import annotations
