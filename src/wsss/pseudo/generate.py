@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.io import IGNORE_INDEX, load_maps, read_image, read_mask
+from ..data.io import IGNORE_INDEX, load_maps, read_image, read_mask, read_npz
 from ..errors import ConfigError, DataError
 from ..refine.crf import CRFParams
 from ..refine.refiner import REFINEMENTS, Refiner, make_refiner
@@ -77,17 +77,8 @@ class PseudoSettings:
 
 
 def _read_affinity(path: Path) -> tuple[torch.Tensor, tuple[int, int]]:
-    if not path.is_file():
-        raise DataError(path, "affinity file not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "affinity" not in z or "grid" not in z:
-                raise DataError(path, f"affinity file must hold 'affinity' and 'grid', found {sorted(z.files)}")
-            affinity, grid = z["affinity"].astype(np.float32), z["grid"].astype(np.int64).reshape(-1)
-    except (OSError, ValueError, EOFError) as exc:
-        if isinstance(exc, DataError):
-            raise
-        raise DataError(path, f"cannot read affinity file ({exc})") from exc
+    arrays = read_npz(path, ("affinity", "grid"), "affinity")
+    affinity, grid = arrays["affinity"].astype(np.float32), arrays["grid"].astype(np.int64).reshape(-1)
     if grid.size != 2 or affinity.ndim != 2 or affinity.shape != (grid[0] * grid[1],) * 2:
         raise DataError(path, f"affinity {affinity.shape} is not (N, N) for the grid {grid.tolist()}")
     return torch.from_numpy(affinity), (int(grid[0]), int(grid[1]))
