@@ -272,7 +272,7 @@ def test_labels_file_problems(tmp_path):
     with pytest.raises(DataError, match=r"labels\.json.*unknown class 'horse'"):
         VOCDataset(root, "train")
     (root / "labels.json").write_text(json.dumps({"a": [1], "b": [3]}))
-    with pytest.raises(DataError, match=r"labels\.json.*label 3 outside"):
+    with pytest.raises(DataError, match=r"labels\.json.*label index 3 is outside"):
         VOCDataset(root, "train")
     (root / "labels.json").write_text("{not json")
     with pytest.raises(DataError, match=r"labels\.json.*cannot read"):

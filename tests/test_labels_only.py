@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from wsss.data.classes import ClassSet
-from wsss.data.labels_only import LabelledImageFolder, parse_label
+from wsss.data.labels_only import LabelledImageFolder
 from wsss.errors import DataError
 
 CLASSES = "background\ncat\ndog\ntraffic light\n"
@@ -97,7 +97,7 @@ def test_every_bad_row_is_named(folder):
     assert str(root / "labels.csv") in message
     assert "7 problem(s)" in message
     assert "row 3 (missing.png): image not found" in message
-    assert "row 4 (b.png): unknown class name 'kitten'" in message
+    assert "row 4 (b.png): unknown class 'kitten'" in message
     assert "row 5 (sub/c.png): empty label set" in message
     assert "row 6 (a): image a listed twice" in message
     assert "row 7 (b): image b listed twice" in message
@@ -107,12 +107,12 @@ def test_every_bad_row_is_named(folder):
 def test_bad_labels_and_files(folder):
     root, _ = folder
     classes = ClassSet.from_file(root / "classes.txt")
-    assert parse_label("background", classes) == 0 and parse_label(0, classes) == 0
+    assert classes.parse_label("background") == 0 and classes.parse_label(0) == 0
     with pytest.raises(ValueError, match="index 4 is outside"):
-        parse_label("4", classes)
-    with pytest.raises(ValueError, match="unknown class name 'cats'"):
-        parse_label("cats", classes)
-    assert parse_label("DOG", classes) == 2 and parse_label(3, classes) == 3
+        classes.parse_label("4")
+    with pytest.raises(ValueError, match="unknown class 'cats'"):
+        classes.parse_label("cats")
+    assert classes.parse_label("DOG") == 2 and classes.parse_label(3) == 3
     (root / "labels.json").write_text(json.dumps({"a.png": []}))
     with pytest.raises(DataError, match=r"image a.png: empty label set"):
         LabelledImageFolder(root)

@@ -64,6 +64,22 @@ class ClassSet:
     def fg_names(self) -> tuple[str, ...]:
         return self.names[1:] if self.has_background else self.names
 
+    def parse_label(self, token: str | int) -> int:
+        """A class name (case-insensitive) or label index as a label index; ``ValueError`` says why not."""
+        if isinstance(token, bool):
+            raise ValueError(f"label {token!r} is neither a class name nor an index")
+        if isinstance(token, int) or (isinstance(token, str) and token.strip().isdigit()):
+            label = int(token)
+            if not 0 <= label < self.num_classes:
+                raise ValueError(f"label index {label} is outside the classes 0..{self.num_classes - 1}")
+            return label
+        if not isinstance(token, str):
+            raise ValueError(f"label {token!r} is neither a class name nor an index")
+        lowered = [n.lower() for n in self.names]
+        if token.strip().lower() not in lowered:
+            raise ValueError(f"unknown class {token!r}; classes are {list(self.names)}")
+        return lowered.index(token.strip().lower())
+
     def label_to_output(self, label: int) -> int:
         """Classifier output index of a foreground label index."""
         out = int(label) - (1 if self.has_background else 0)

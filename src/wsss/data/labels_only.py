@@ -81,23 +81,6 @@ def _read_csv_table(path: Path) -> list[tuple[str, list[str | int], str]]:
     return rows
 
 
-def parse_label(token: str | int, classes: ClassSet) -> int:
-    """Turn a class name or label index into a label index of ``classes``; ``ValueError`` says why not."""
-    if isinstance(token, bool):
-        raise ValueError(f"label {token!r} is neither a class name nor an index")
-    if isinstance(token, int) or re.fullmatch(r"\d+", str(token)):
-        label = int(token)
-        if not 0 <= label < classes.num_classes:
-            raise ValueError(f"label index {label} is outside the classes 0..{classes.num_classes - 1}")
-        return label
-    if not isinstance(token, str):
-        raise ValueError(f"label {token!r} is neither a class name nor an index")
-    lowered = [n.lower() for n in classes.names]
-    if token.lower() not in lowered:
-        raise ValueError(f"unknown class name {token!r}")
-    return lowered.index(token.lower())
-
-
 def _find_image(image_dir: Path, key: str) -> Path | None:
     direct = image_dir / key
     if direct.suffix.lower() in IMAGE_EXTENSIONS and direct.is_file():
@@ -179,7 +162,7 @@ class LabelledImageFolder(Dataset):
             labels, bad = set(), False
             for token in tokens:
                 try:
-                    labels.add(parse_label(token, self.classes))
+                    labels.add(self.classes.parse_label(token))
                 except ValueError as exc:
                     problems.append(f"{where}: {exc}")
                     bad = True

@@ -78,21 +78,10 @@ def _read_split(path: Path) -> list[str]:
 
 def _parse_label_token(token: Any, classes: ClassSet, path: Path, image_id: str) -> int:
     """A label given as an index or a class name -> dataset label index."""
-    if isinstance(token, bool):
-        raise DataError(path, f"image {image_id!r}: label {token!r} is not a class index or name")
-    if isinstance(token, int) or (isinstance(token, str) and re.fullmatch(r"\d+", token.strip())):
-        index = int(token)
-        if not 0 <= index < classes.num_classes:
-            raise DataError(path, f"image {image_id!r}: label {index} outside the {classes.num_classes} classes")
-        return index
-    if isinstance(token, str):
-        lowered = {name.lower(): i for i, name in enumerate(classes.names)}
-        name = token.strip()
-        if name in classes.names:
-            return classes.names.index(name)
-        if name.lower() in lowered:
-            return lowered[name.lower()]
-    raise DataError(path, f"image {image_id!r}: unknown class {token!r}; classes are {list(classes.names)}")
+    try:
+        return classes.parse_label(token)
+    except ValueError as exc:
+        raise DataError(path, f"image {image_id!r}: {exc}") from exc
 
 
 def read_labels_file(
