@@ -379,3 +379,17 @@ def test_param_groups_and_the_authors_sgd_quirk():
                              "optim.authors_sgd_quirk=true"])["optim"]
     opt = build_optimizer(model, cfg)
     assert all(g["momentum"] == 1e-4 and g["weight_decay"] == 0.0 for g in opt.param_groups)
+
+
+def test_head_learning_rate_applies_to_heads_only_also_inside_a_segmentation_model():
+    from wsss.models import create_model
+    from wsss.segment.model import SegmentationModel
+    from wsss.train.optim import param_groups
+
+    seg = SegmentationModel(create_model("vit_nano_patch16", num_classes=3), num_classes=4)
+    groups = param_groups(seg, weight_decay=0.05, lr=1.0, head_lr_mult=10.0)
+    fast = {id(p) for g in groups if g["lr"] == 10.0 for p in g["params"]}
+    for name, p in seg.named_parameters():
+        trunk = name.startswith(("encoder.blocks.", "encoder.patch_embed.", "encoder.pos_embed", "encoder.cls_token",
+                                 "encoder.norm."))
+        assert (id(p) in fast) != trunk, name

@@ -18,7 +18,9 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr_mult:
         if not p.requires_grad:
             continue
         no_decay = p.ndim <= 1 or name.endswith(("cls_token", "dist_token", "pos_embed"))
-        is_head = not name.startswith(("patch_embed.", "cls_token", "dist_token", "pos_embed", "blocks.", "norm."))
+        # The pretrained trunk, whether the model is the ViT itself or wraps it as ``encoder`` (segmentation).
+        trunk = name.removeprefix("encoder.")
+        is_head = not trunk.startswith(("patch_embed.", "cls_token", "dist_token", "pos_embed", "blocks.", "norm."))
         groups.setdefault((no_decay, is_head), []).append(p)
     return [{"params": ps, "weight_decay": 0.0 if nd else weight_decay, "lr": lr * (head_lr_mult if hd else 1.0),
              "lr_mult": head_lr_mult if hd else 1.0}
