@@ -202,3 +202,19 @@ def test_cli_prepare_voc(sources, tmp_path: Path, capsys):
                               str(tmp_path / "strict"), "--workers", "0"])
     with pytest.raises(DataError, match="expected 10582"):
         args.func(args)
+
+
+def test_dataset_presets_agree_with_the_converters():
+    from importlib import resources
+
+    import yaml
+
+    from wsss.data.prepare_voc import VOC_CLASSES
+
+    folder = resources.files("wsss") / "configs" / "datasets"
+    voc = yaml.safe_load((folder / "voc.yaml").read_text())["dataset"]
+    coco = yaml.safe_load((folder / "coco.yaml").read_text())["dataset"]
+    assert tuple(voc["classes"]) == VOC_CLASSES and voc["num_classes"] == 21 == len(VOC_CLASSES)
+    assert coco["num_classes"] == 81
+    if "classes" in coco:
+        assert len(coco["classes"]) == 81 and coco["classes"][0] == "background"
