@@ -145,8 +145,7 @@ def read_npz(path: str | Path, keys: tuple[str, ...], what: str) -> dict[str, np
         raise DataError(path, f"{what} file not found")
     try:
         with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in keys if k not in z]
-            if missing:
+            if any(k not in z for k in keys):
                 raise DataError(path, f"{what} file must hold {list(keys)}, found {sorted(z.files)}")
             return {k: z[k] for k in keys}
     except (OSError, ValueError, EOFError) as exc:
@@ -161,52 +160,8 @@ def load_maps(path: str | Path, num_classes: int | None = None) -> tuple[np.ndar
     With ``num_classes`` given, a class index outside ``0..num_classes-1`` is an error (a maps file made
     for another class set).
     """
-    path = Path(path)
     arrays = read_npz(path, ("maps", "classes"), "maps")
     maps, classes = arrays["maps"].astype(np.float32), arrays["classes"].astype(np.int64)
-    if maps.ndim != 3 or maps.shape[0] != classes.shape[0]:
-        raise ValueError(f"maps {maps.shape} and classes {classes.shape} disagree")
-    buf = io.BytesIO()
-    np.savez_compressed(buf, maps=maps.astype(np.float16), classes=classes)
-    write_bytes_atomic(path, buf.getvalue())
-
-
-def read_npz(path: str | Path, keys: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
-    """The arrays ``keys`` of an ``.npz`` file (never unpickled); a missing file or key is a :class:`DataError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, f"{what} file not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in keys if k not in z]
-            if missing:
-                raise DataError(path, f"{what} file must hold {list(keys)}, found {sorted(z.files)}")
-            return {k: z[k] for k in keys}
-    except (OSError, ValueError, EOFError) as exc:
-        if isinstance(exc, DataError):
-            raise
-        raise DataError(path, f"cannot read {what} file ({exc})") from exc
-
-
-def load_maps(path: str | Path, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Load maps saved by :func:`save_maps` as ``(maps float32 (K,H,W), classes int64 (K,))``.
-
-    With ``num_classes`` given, a class index outside ``0..num_classes-1`` is an error (a maps file made
-    for another class set).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "maps file not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "maps" not in z or "classes" not in z:
-                raise DataError(path, f"maps file must hold 'maps' and 'classes', found {sorted(z.files)}")
-            maps = z["maps"].astype(np.float32)
-            classes = z["classes"].astype(np.int64)
-    except (OSError, ValueError, EOFError) as exc:
-        if isinstance(exc, DataError):
-            raise
-        raise DataError(path, f"cannot read maps file ({exc})") from exc
     if maps.ndim != 3 or maps.shape[0] != classes.shape[0]:
         raise DataError(path, f"maps {maps.shape} and classes {classes.shape} disagree")
     if num_classes is not None and classes.size and (classes.min() < 0 or classes.max() >= num_classes):
