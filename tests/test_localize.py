@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from reference_maps import reference_maps
-from wsss.localize import ACR, GETAM, METHODS, localize
+from wsss.localize import GETAM, METHODS, localize
 from wsss.models import create_model
 from wsss.models.vit import VisionTransformer
 

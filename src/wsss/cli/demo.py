@@ -12,19 +12,16 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..data.io import write_bytes_atomic
 from ..data.synth import make_synthetic
-from ..data.transforms import eval_transforms
 from ..data.voc import VOCDataset
-from ..localize import METHODS, localize
+from ..localize import METHODS
 from ..train import Trainer, load_config
 from ..train.checkpoint import load_model
-from ..train.validate import maps_miou
-from ..visualize import colorize, overlay
+from ..train.validate import map_grid, maps_miou
 
 SYNTH = {"size": 64, "num_train": 800, "num_val": 100, "num_classes": 4, "seed": 0}  # context bias: default 0.8
 
@@ -84,19 +81,12 @@ def write_report(out: Path, model: torch.nn.Module, val: VOCDataset, results: di
     for m, r in results.items():
         mark = " **(best)**" if m == best else ""
         lines.append(f"| {m}{mark} | {r['miou']:.3f} | {r['threshold']:.2f} | {r['seconds_per_image'] * 1000:.0f} |")
-    lines += ["", "Rows of each picture: input with the first labelled class's map, ground truth."]
-    transform = eval_transforms()
-    picked = range(min(num_images, len(val)))
-    images = [val.load_image(i) for i in picked]
-    masks = [val.load_mask(i) for i in picked]
-    batch = torch.stack([transform(im)[0] for im in images])
-    classes = [[int(np.flatnonzero(val.labels(i))[0])] for i in picked]
-    for method in results:
-        maps = localize(model, batch, classes, method=method, scales=view["scales"], flip=view["flip"])[:, 0].numpy()
-        top = np.concatenate([overlay(im, m) for im, m in zip(images, maps)], axis=1)
-        bottom = np.concatenate([colorize(mk) for mk in masks], axis=1)
-        picture = np.concatenate([top, bottom], axis=0)
+    lines += ["", "Rows of each picture: the input, its ground truth, the label map of the maps at the method's best "
+              "threshold, and the strongest map over the input."]
+    for method, r in results.items():
+        picture = map_grid(model, val, range(min(num_images, len(val))), method, threshold=r["threshold"],
+                           scales=view["scales"], flip=view["flip"])
         name = f"overlay_{method}.png"
-        Image.fromarray(picture).resize((picture.shape[1] * 3, picture.shape[0] * 3), Image.NEAREST).save(out / name)
-        lines += ["", f"## {method}: mIoU {results[method]['miou']:.3f}", "", f"![{method}]({name})"]
+        Image.fromarray(picture).save(out / name)
+        lines += ["", f"## {method}: mIoU {r['miou']:.3f}", "", f"![{method}]({name})"]
     write_bytes_atomic(out / "report.md", ("\n".join(lines) + "\n").encode())
