@@ -72,7 +72,7 @@ class Localizer(ABC):
     """A localisation-map method bound to a model (use as a context manager, or call :meth:`release`).
 
     The model exposes its attention as tensors of the autograd graph, so no hooks are installed; ``release``
-    drops the references this object holds (the model and the last output) so that nothing outlives the
+    drops the reference this object holds to the model, so that nothing outlives the
     ``with`` block.
     """
 
@@ -82,7 +82,6 @@ class Localizer(ABC):
     def __init__(self, model: nn.Module, score_fn: ScoreFn = class_logits):
         self.model = model
         self.score_fn = score_fn
-        self.outputs: ViTOutput | None = None
 
     def __enter__(self) -> "Localizer":
         return self
@@ -91,9 +90,8 @@ class Localizer(ABC):
         self.release()
 
     def release(self) -> None:
-        """Drop the model and the cached output."""
+        """Drop the reference to the model."""
         self.model = None
-        self.outputs = None
 
     @property
     def patch_size(self) -> int:
@@ -132,15 +130,14 @@ class Localizer(ABC):
         try:
             for scale in scales:
                 view = self._resize(images, scale)
-                for flipped in (False, True) if flip else (False,):
-                    x = view.flip(-1) if flipped else view
-                    with torch.set_grad_enabled(self.needs_grad):
-                        maps = self.token_maps(x, cls).detach()
-                    maps = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=self.align_corners)
-                    total += maps.flip(-1) if flipped else maps
+                # The flipped view rides in the same batch: one forward (and one backward) per scale.
+                x, c = (torch.cat([view, view.flip(-1)]), torch.cat([cls, cls])) if flip else (view, cls)
+                with torch.set_grad_enabled(self.needs_grad):
+                    maps = self.token_maps(x, c).detach()
+                maps = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=self.align_corners)
+                total += maps[:b] + maps[b:].flip(-1) if flip else maps
         finally:
             self.model.train(was_training)
-            self.outputs = None
         total = total.clamp_min(0) * (cls >= 0)[:, :, None, None]
         return normalize_maps(total) if normalize else total
 
