@@ -1,7 +1,7 @@
 """CamVid weak supervision: fine-tune the shared ViT-Ti with each method's objective, then score its maps.
 
-For each method the CPU-sized preset (``baseline_camvid``, ``acr_camvid``, ``aream_camvid``, and ``getam_camvid``
-when the ``getam`` objective is registered) is loaded with ``wsss.train.load_config`` and trained by
+For each registered method with a ``<method>_camvid`` preset (``wsss methods`` lists them: baseline, acr, aream,
+getam) the CPU-sized preset is loaded with ``wsss.train.load_config`` and trained by
 ``wsss.train.Trainer`` on the train crops (image-level labels only). The trained model's maps on the evaluation split
 are then scored by ``wsss.train.validate.maps_miou``: the method's natural map (cam for the baseline, acr, aream,
 getam) and the plain CAM for every method, so that the objectives are also compared with one map. CamVid has no
@@ -39,12 +39,9 @@ from common import (RESULTS_DIR, VIT_TINY_FILE, environment, markdown_table, set
                     write_json)
 from wsss.data.voc import VOCDataset
 from wsss.train import Trainer, load_config
-from wsss.train.objectives import OBJECTIVES
+from wsss.methods import REGISTRY, get_method
 from wsss.train.validate import maps_miou
 
-PRESETS = {"baseline": "baseline_camvid", "acr": "acr_camvid", "aream": "aream_camvid", "getam": "getam_camvid"}
-NATURAL_MAP = {"baseline": "cam", "acr": "acr", "aream": "aream", "getam": "getam"}
-OBJECTIVE_NAME = {"baseline": "classification", "acr": "acr", "aream": "aream", "getam": "getam"}
 # Step counts inside a preset that scale with train.steps when --steps shortens a run.
 STEP_KEYS = (("optim", "warmup_steps"), ("method", "warmup_steps"), ("method", "cls_steps"), ("train", "ckpt_every"))
 
@@ -55,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", type=Path, default=None, help="ViT-Ti checkpoint (default: the shared one)")
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--split", default="val", help="split whose maps are scored")
-    parser.add_argument("--methods", nargs="+", default=None, choices=sorted(PRESETS),
-                        help="default: baseline acr aream, and getam when its objective is registered")
+    parser.add_argument("--methods", nargs="+", default=None, choices=default_methods(),
+                        help="default: every registered method with a <method>_camvid preset")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: each preset's)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N images of --split")
     parser.add_argument("--time-batch", type=int, default=8, help="crops in the batch the steps are timed on")
@@ -74,8 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def preset(method: str) -> str:
+    """The CamVid preset of a method."""
+    return f"{method}_camvid"
+
+
 def default_methods() -> list[str]:
-    return [m for m in ("baseline", "acr", "aream", "getam") if OBJECTIVE_NAME[m] in OBJECTIVES]
+    """The registered methods that have a CamVid preset, baseline first."""
+    names = [m.name for m in REGISTRY.wsss_methods() if preset(m.name) in m.preset_names()]
+    return sorted(names, key=lambda n: (n != "baseline", n))
 
 
 def method_config(method: str, args: argparse.Namespace, data: Path, weights: Path, run_dir: Path) -> dict:
@@ -84,7 +88,7 @@ def method_config(method: str, args: argparse.Namespace, data: Path, weights: Pa
                  f"data.split={args.train_split}", "val.every=0"]
     if args.workers is not None:
         overrides.append(f"data.num_workers={args.workers}")
-    cfg = load_config(PRESETS[method], overrides + list(args.overrides))
+    cfg = load_config(preset(method), overrides + list(args.overrides))
     if args.steps is not None:
         factor = args.steps / cfg["train"]["steps"]
         for section, key in STEP_KEYS:
@@ -152,9 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or shared_data_dir() / "camvid"
     weights = args.weights or shared_data_dir() / "weights" / VIT_TINY_FILE
     methods = args.methods or default_methods()
-    missing = [m for m in methods if OBJECTIVE_NAME[m] not in OBJECTIVES]
-    if missing:
-        raise SystemExit(f"objective(s) not registered in wsss.train.objectives: {missing}")
     eval_set = VOCDataset(data, args.split)
     run_root = args.run_root or Path(tempfile.mkdtemp(prefix="camvid_wsss_"))
     print(f"runs in {run_root}; {threads} torch threads; methods {methods}", file=sys.stderr)
@@ -170,11 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         train_s = time.perf_counter() - start
         trainer.model.eval()
         maps = {"cam": score_maps(trainer.model, eval_set, "cam", args.limit, args.device, cfg)}
-        natural = NATURAL_MAP[method]
+        natural = get_method(method).own_map
         if natural != "cam":
             maps[natural] = score_maps(trainer.model, eval_set, natural, args.limit, args.device, cfg)
         trainer.model.train()
-        results[method] = {"preset": PRESETS[method], "steps": cfg["train"]["steps"],
+        results[method] = {"preset": preset(method), "steps": cfg["train"]["steps"],
                            "batch_size": cfg["data"]["batch_size"],
                            "train_seconds": None if resumed_at else train_s, "resumed": resumed_at,
                            "train_summary": {k: v for k, v in summary.items() if not isinstance(v, dict)},

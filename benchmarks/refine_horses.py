@@ -35,7 +35,9 @@ from wsss.data.classes import ClassSet
 from wsss.data.io import read_image, save_maps, write_bytes_atomic
 from wsss.data.transforms import eval_transforms
 from wsss.evaluate import read_split_ids
-from wsss.localize import METHODS, localize
+from wsss.localize import localize
+from wsss.methods import REGISTRY
+from wsss.models import Capture
 from wsss.localize.base import head_mean_patch_affinity
 
 REFINEMENTS = ("none", "par", "pamr", "crf", "affinity")
@@ -46,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=None, help="horses root (default: SHARED/horses)")
     parser.add_argument("--weights", type=Path, default=None, help="ViT-Ti checkpoint (default: the shared one)")
     parser.add_argument("--split", default="all")
-    parser.add_argument("--method", default="getam", choices=sorted(METHODS), help="map method (default getam)")
+    parser.add_argument("--method", default="getam", choices=sorted(REGISTRY.maps()), help="map method (default getam)")
     parser.add_argument("--limit", type=int, default=None, help="use the first N images (writes a split file)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
@@ -88,7 +90,7 @@ def make_maps(root: Path, ids: list[str], args: argparse.Namespace, maps_dir: Pa
         maps = localize(model, x, torch.full((len(x), 1), target), method=args.method)
         seconds += time.perf_counter() - start
         with torch.inference_mode():
-            out = model(x, attn=True)
+            out = model(x, capture=Capture(attn=True))
         affinity = head_mean_patch_affinity(out.attn, out.num_prefix) / len(out.attn)
         for k, (image_id, image) in enumerate(zip(chunk, originals)):
             up = F.interpolate(maps[k : k + 1], size=image.shape[:2], mode="bilinear", align_corners=False)[0]

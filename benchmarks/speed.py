@@ -37,6 +37,7 @@ from torch import Tensor
 from common import (CLOCKS, RESULTS_DIR, VIT_TINY, environment, load_vit_tiny, markdown_table, measure,
                     set_threads, shared_data_dir, synchronize, timed_call, write_json)
 from wsss.localize import localize
+from wsss.models import Capture
 
 METHODS = ("getam", "acr")
 TARGETS = {"getam_k10": 3.0, "getam_k1": 2.0, "forward_overhead": 0.10, "memory_448_k20_mib": 2048.0,
@@ -151,7 +152,7 @@ def authors_maps(model: torch.nn.Module, images: Tensor, classes: Tensor, method
     maps = []
     for b in range(images.shape[0]):
         grads: dict[int, Tensor] = {}
-        out = model(images[b : b + 1], attn=True)
+        out = model(images[b : b + 1], capture=Capture(attn=True))
         for layer, a in enumerate(out.attn):
             a.register_hook(functools.partial(_save_grad, grads, layer))
         p = out.num_prefix
@@ -211,7 +212,7 @@ def bench_base(model, plain: PlainViT, x: Tensor, classes: Tensor, args, amp) ->
 
     def forward_backward() -> None:
         model.zero_grad(set_to_none=True)
-        model(x).logits.gather(1, classes[:, :1]).sum().backward()
+        model(x).gather(1, classes[:, :1]).sum().backward()
 
     warm = {"forward": args.warmup, "plain_sdpa": args.warmup, "forward_backward": args.warmup}
     res = measure({"forward": forward, "plain_sdpa": forward_plain}, args.forward_repeat, warm, args.device, amp)
@@ -309,7 +310,6 @@ def bench_training(args) -> dict[str, Any] | str:
     if importlib.util.find_spec("wsss.train.engine") is None:
         return "skipped: the training engine (src/wsss/train/) is not there yet"
     from wsss.train import Trainer, load_config
-    from wsss.train.objectives import multilabel_loss
 
     horses = shared_data_dir() / "horses"
     weights = shared_data_dir() / "weights" / "vit_tiny_patch16_224_in1k.safetensors"
@@ -331,7 +331,7 @@ def bench_training(args) -> dict[str, Any] | str:
     y = torch.ones(batch, model.num_classes, device=args.device)
 
     def step() -> None:
-        loss = multilabel_loss(model(x).logits, y)
+        loss = F.multilabel_soft_margin_loss(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in sorted(args.batches):
             x = torch.randn(batch, 3, size, size, generator=gen).to(device)
             with torch.inference_mode():
-                logits = model(x).logits
+                logits = model(x)
                 plain_diff[f"{size}x{batch}"] = float((plain(x) - logits).abs().max())
             classes = logits.topk(max(args.ks), dim=1).indices  # the K most likely classes of each image
             base[(size, batch)] = bench_base(model, plain, x, classes, args, amp)

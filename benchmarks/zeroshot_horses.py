@@ -27,9 +27,10 @@ from wsss.data.classes import ClassSet
 from wsss.data.io import read_image, read_mask
 from wsss.data.transforms import eval_transforms
 from wsss.evaluate import ThresholdSweep, read_split_ids, threshold_grid
-from wsss.localize import METHODS, localize
+from wsss.localize import localize
+from wsss.methods import REGISTRY
 
-DEFAULT_METHODS = ("cam", "gradcam", "rollout", "getam", "acr", "aream")
+
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=None, help="horses root (default: SHARED/horses)")
     parser.add_argument("--weights", type=Path, default=None, help="ViT-Ti checkpoint (default: the shared one)")
     parser.add_argument("--split", default="all")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=sorted(METHODS))
+    parser.add_argument("--methods", nargs="+", default=sorted(REGISTRY.maps()), choices=sorted(REGISTRY.maps()))
     parser.add_argument("--limit", type=int, default=None, help="use the first N images of the split")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224, help="square input size")
@@ -74,7 +75,7 @@ def recognition(model: torch.nn.Module, images: torch.Tensor, target: int, batch
     ranks = []
     with torch.inference_mode():
         for sl in batches(len(images), batch):
-            logits = model(images[sl].to(device)).logits
+            logits = model(images[sl].to(device))
             ranks.append((logits > logits[:, target : target + 1]).sum(1).cpu())
     rank = torch.cat(ranks)
     return {"top1": float((rank == 0).float().mean()), "top5": float((rank < 5).float().mean())}

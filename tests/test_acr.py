@@ -8,10 +8,11 @@ import torch.nn.functional as F
 
 from wsss.data.transforms import build_transforms
 from wsss.errors import ConfigError
-from wsss.models import create_model
-from wsss.train.acr import ACRObjective, consistency_terms, unflip_attention, unflip_index
+from wsss.models import create_model, Capture
+from wsss.methods import get_method
+from wsss.methods.acr.objective import ACRObjective, consistency_terms, unflip_attention, unflip_index
 from wsss.train import load_config
-from wsss.train.objectives import OBJECTIVES, build_objective
+from wsss.train.objectives import build_objective
 
 
 def flip_matrix(h: int, w: int) -> torch.Tensor:
@@ -67,8 +68,8 @@ def test_objective_loss_matches_separate_views_reference():
 
     # The authors' form: two separate forward passes, every block, head mean, flip as a permutation matrix.
     with torch.no_grad():
-        o1 = model(x, attn=True)
-        o2 = model(x.flip(-1), attn=True)
+        o1 = model(x, capture=Capture(attn=True))
+        o2 = model(x.flip(-1), capture=Capture(attn=True))
     a1 = torch.stack([a.mean(1) for a in o1.attn], 1)
     a2 = torch.stack([a.mean(1) for a in o2.attn], 1)
     ref_cls, ref_pair = reference_terms(a1, a2, 3, 5, 1)
@@ -78,9 +79,12 @@ def test_objective_loss_matches_separate_views_reference():
     assert logs["acr_cls"] == pytest.approx(ref_cls, rel=1e-4)
     assert logs["acr_pairs"] == pytest.approx(ref_pair, rel=1e-4)
     assert ref_cls > 0 and ref_pair > 0  # a random model is not flip-equivariant
+    # The shared classification term: ``cls`` is the sum over both views (no separate ``cls_flip``).
+    both = F.multilabel_soft_margin_loss(o1.logits, labels) + F.multilabel_soft_margin_loss(o2.logits, labels)
+    assert logs["cls"] == pytest.approx(float(both), rel=1e-5) and "cls_flip" not in logs
 
     # layers=[1]: only block 1 is compared.
-    one = ACRObjective({"name": "acr", "alpha": 10.0, "layers": [1]})
+    one = build_objective({"name": "acr", "alpha": 10.0, "layers": [1]})
     loss1, _ = one(model, {"image": x, "label": labels}, step=0)
     c1, p1 = reference_terms(o1.attn[1].mean(1), o2.attn[1].mean(1), 3, 5, 1)
     expected1 = (F.multilabel_soft_margin_loss(o1.logits, labels) + F.multilabel_soft_margin_loss(o2.logits, labels)
@@ -101,7 +105,7 @@ def test_flip_equivariant_model_has_zero_consistency():
         model.pos_embed[:, 1:] = ((pos + pos.flip(2)) / 2).reshape(1, grid[0] * grid[1], -1)
     x = torch.randn(2, 3, 48, 80)
     labels = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    _, logs = ACRObjective({"name": "acr"})(model, {"image": x, "label": labels}, step=0)
+    _, logs = build_objective({"name": "acr"})(model, {"image": x, "label": labels}, step=0)
     assert logs["acr_cls"] < 1e-7 and logs["acr_pairs"] < 1e-7
 
 
@@ -109,7 +113,7 @@ def test_loss_falls_on_a_tiny_model():
     torch.manual_seed(2)
     model = create_model("vit_nano_patch16", num_classes=3)
     batch = {"image": torch.randn(4, 3, 32, 48), "label": torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])}
-    obj = ACRObjective({"name": "acr", "alpha": 125})
+    obj = build_objective({"name": "acr", "alpha": 125})
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses, consistency = [], []
     for step in range(8):
@@ -124,12 +128,12 @@ def test_loss_falls_on_a_tiny_model():
 
 
 def test_registered_and_options_checked():
-    assert OBJECTIVES["acr"] is ACRObjective
+    assert get_method("acr").objective is ACRObjective
     with pytest.raises(ConfigError, match="unknown"):
-        ACRObjective({"name": "acr", "alpah": 1})
+        build_objective({"name": "acr", "alpah": 1})
     with pytest.raises(ConfigError, match="layers"):
-        ACRObjective({"name": "acr", "layers": 3})
-    obj = ACRObjective({"name": "acr", "layers": [9]})
+        build_objective({"name": "acr", "layers": 3})
+    obj = build_objective({"name": "acr", "layers": [9]})
     model = create_model("vit_nano_patch16", num_classes=2)
     with pytest.raises(ConfigError, match="out of range"):
         obj(model, {"image": torch.randn(1, 3, 32, 32), "label": torch.ones(1, 2)}, 0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -11,16 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss.cli import entropy as entropy_cli
+from reference_maps import reference_localize
 from wsss.data.classes import ClassSet
 from wsss.data.transforms import build_transforms, eval_transforms
 from wsss.data.voc import VOCDataset
 from wsss.errors import ConfigError
-from wsss.localize import AReAM, normalize_maps
-from wsss.models import create_model
-from wsss.pseudo import two_threshold_labels
-from wsss.refine import make_refiner
-from wsss.train.aream import (
+from wsss.localize import normalize_maps
+from wsss.methods.aream.objective import (
     AReAMObjective,
     affinity_labels,
     balanced_affinity_loss,
@@ -29,9 +25,11 @@ from wsss.train.aream import (
     pseudo_segmentation,
     reactivation_cams,
 )
-from wsss.train.checkpoint import load_model, model_spec, save_model
+from wsss.models import Capture, create_model
+from wsss.models.checkpoint import describe, load, save
+from wsss.refine import par
 from wsss.train import load_config
-from wsss.train.objectives import OBJECTIVES, build_objective
+from wsss.train.objectives import build_objective
 
 VOC_LIKE = ClassSet(("background", "a", "b", "c", "d"))
 NO_BACKGROUND = ClassSet(("a", "b", "c", "d"))
@@ -106,23 +104,39 @@ def test_entropy_weights_min_max_and_file(tmp_path):
         entropy_weights(str(path))
 
 
+def _noisy(model):
+    """Larger-than-init weights, so that attention and CAMs are far from flat."""
+    torch.manual_seed(30)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
 @pytest.mark.parametrize("head", ["token", "mct"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_reactivation_matches_localize_aream(head, weighted):
+def test_reactivation_against_a_loop_reference(head, weighted):
+    """Step 1 against reference_maps.py's functional ViT: per image, per class, per view (the image and its
+    mirror image), the CAM (MCT: times the class attention of every block) refined by the (weighted) mean of the
+    head-mean patch attention of the blocks below layer_index, each written as explicit loops; upsampled,
+    un-flipped, summed, ReLU, min-max."""
     torch.manual_seed(3)
-    model = create_model("vit_nano_patch16", num_classes=4, head=head).eval()
-    images = torch.randn(2, 3, 48, 80)
+    model = _noisy(create_model("vit_nano_patch16", num_classes=4, head=head)).eval()
+    state = {k: v.detach().double() for k, v in model.state_dict().items()}
+    images = torch.randn(2, 3, 48, 80)  # a 3x5 grid: the position embeddings are interpolated
     labels = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0]])
     e = entropy_weights([0.3, 0.9, 0.1, 0.5]) if weighted else None
     shallow = None if e is None else 1 - e[:2]
-    cams = reactivation_cams(model, images, labels, layer_index=2, shallow_weights=shallow)
-    with AReAM(model, layers=2, layer_weights=None if shallow is None else shallow.tolist()) as loc:
-        ref = loc(images, [[0, 2], [1]], flip=True)
-    assert torch.allclose(cams[0, [0, 2]], ref[0], atol=1e-4)
-    assert torch.allclose(cams[1, 1], ref[1, 0], atol=1e-4)
-    assert cams[0, [1, 3]].abs().max() == 0 and cams[1, [0, 2, 3]].abs().max() == 0
+    cams, classes = reactivation_cams(model, images, labels, layer_index=2, shallow_weights=shallow)
+    assert classes.tolist() == [[0, 2], [1, -1]]
+    ref = reference_localize(state, images.double(), classes.tolist(), "aream", num_heads=2, patch=16, flip=True,
+                             head=head, layers=2, layer_weights=None if shallow is None else shallow.tolist())
+    torch.testing.assert_close(cams, ref.float(), atol=1e-5, rtol=1e-4)
+    assert cams[1, 1].abs().max() == 0
+    assert (cams[0, 0] - cams[0, 1]).abs().max() > 0.05  # class maps differ: the comparison is not of flat maps
     if weighted:  # the weights matter: uniform weights give other maps
-        assert not torch.allclose(cams, reactivation_cams(model, images, labels, layer_index=2), atol=1e-4)
+        uniform, _ = reactivation_cams(model, images, labels, layer_index=2)
+        assert not torch.allclose(cams, uniform, atol=1e-4)
 
 
 def stripes_image_and_maps():
@@ -137,44 +151,88 @@ def stripes_image_and_maps():
 
 
 def test_pseudo_segmentation_background_and_ignore():
-    image, maps, labels = stripes_image_and_maps()
+    image, maps, _ = stripes_image_and_maps()
+    cams, classes = maps[:, :1], torch.tensor([[0]])  # the map of classifier output 0
     centres = (16, 48, 80)
-    voc = pseudo_segmentation(maps, labels, image, ClassSet(("background", "a", "b")))
+    voc = pseudo_segmentation(cams, classes, image, ClassSet(("background", "a", "b")))
     assert [int(voc[0, 32, x]) for x in centres] == [1, 255, 0]  # label 1 = first fg class
-    camvid = pseudo_segmentation(maps, labels, image, ClassSet(("a", "b")))
+    camvid = pseudo_segmentation(cams, classes, image, ClassSet(("a", "b")))
     assert [int(camvid[0, 32, x]) for x in centres] == [0, 255, 255]  # no background: ignored instead
-    # An image without labels is all background (VOC) or all ignored (no background class).
-    empty = pseudo_segmentation(maps, torch.zeros(1, 2), image, ClassSet(("background", "a", "b")))
-    assert int(empty.max()) == 0
+    # An image without labels (only an unused slot) is all background (VOC) or all ignored (no background class).
+    unused = torch.tensor([[-1]])
+    empty = pseudo_segmentation(cams, unused, image, ClassSet(("background", "a", "b")))
+    assert int(empty.min()) == int(empty.max()) == 0
+    empty = pseudo_segmentation(cams, unused, image, ClassSet(("a", "b")))
+    assert int(empty.min()) == int(empty.max()) == 255
+
+
+def loop_two_thresholds(cams, labels, images, class_set, high=0.55, low=0.35, scale=0.5):
+    """The two-threshold rule image by image and pixel by pixel: for each threshold, the stack [t, maps of the
+    image's classes in ascending label order], resized to scale x the size, softmax over the channels, PAR (the
+    refine.par function on the image resized alike), resized back; then each pixel's first maximum, and the rule:
+    the high run's label where it finds a class, 255 where only the low run does, else the background."""
+    b, _, height, width = cams.shape
+    half = (int(height * scale), int(width * scale))
+    background = 0 if class_set.has_background else 255
+    out = torch.zeros(b, height, width, dtype=torch.long)
+    for i in range(b):
+        present = [int(k) for k in labels[i].nonzero()[:, 0]]
+        dataset_labels = [int(class_set.fg_labels[k]) for k in present]
+        order = sorted(range(len(present)), key=lambda j: dataset_labels[j])
+        channel_labels = [background] + [dataset_labels[j] for j in order]
+        image = F.interpolate(images[i : i + 1], size=half, mode="bilinear", align_corners=False)
+        winners = []
+        for t in (high, low):
+            stack = torch.stack([torch.full((height, width), t)] + [cams[i, present[j]] for j in order])[None]
+            small = F.interpolate(stack, size=half, mode="bilinear", align_corners=False).softmax(dim=1)
+            refined = F.interpolate(par(image, small), size=(height, width), mode="bilinear", align_corners=False)
+            scores = refined[0].permute(1, 2, 0).tolist()  # (H, W, C) nested lists
+            winner = [[0] * width for _ in range(height)]
+            for y in range(height):
+                for x in range(width):
+                    best = 0
+                    for c in range(1, len(channel_labels)):
+                        if scores[y][x][c] > scores[y][x][best]:
+                            best = c
+                    winner[y][x] = best
+            winners.append(winner)
+        for y in range(height):
+            for x in range(width):
+                w_high, w_low = winners[0][y][x], winners[1][y][x]
+                if w_high != 0:
+                    out[i, y, x] = channel_labels[w_high]
+                elif w_low != 0:
+                    out[i, y, x] = 255
+                else:
+                    out[i, y, x] = background
+    return out
 
 
 @pytest.mark.parametrize("classes", [VOC_LIKE, NO_BACKGROUND])
-def test_batched_pseudo_segmentation_matches_per_image_shared_functions(classes):
+def test_batched_pseudo_segmentation_against_a_pixel_loop(classes):
     g = torch.Generator().manual_seed(7)
-    images = F.interpolate(torch.rand(3, 3, 8, 12, generator=g), size=(48, 64), mode="bilinear")
-    cams = F.interpolate(torch.rand(3, 4, 4, 5, generator=g), size=(48, 64), mode="bilinear")
+    images = F.interpolate(torch.rand(3, 3, 8, 12, generator=g), size=(32, 48), mode="bilinear")
+    cams = F.interpolate(torch.rand(3, 4, 4, 5, generator=g), size=(32, 48), mode="bilinear")
     cams = normalize_maps(cams)  # smooth blobs reaching 1: sure, band and background regions
     labels = torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 1], [0, 0, 0, 0]])
-    cams = cams * labels[:, :, None, None]
-    seg = pseudo_segmentation(cams, labels, images, classes)
+    # The batch layout of step 1: each image's classes first, -1 in the unused slots (their maps are noise).
+    slots = torch.tensor([[0, 2, -1], [1, 2, 3], [-1, -1, -1]])
+    packed = torch.stack([torch.stack([cams[i, max(k, 0)] if k >= 0 else torch.rand(32, 48, generator=g)
+                                       for k in slots[i].tolist()]) for i in range(3)])
+    seg = pseudo_segmentation(packed, slots, images, classes)
+    ref = loop_two_thresholds(cams, labels, images, classes)
+    assert torch.equal(seg, ref)
+    assert torch.equal(pseudo_segmentation(packed, slots, images, classes, chunk_size=2), seg)
+    # Several classes and ignore pixels: the comparison is not between empty maps; the band matters.
+    assert len(seg.unique()) >= 3 and (seg == 255).any()
     background = 0 if classes.has_background else 255
-    for k in range(3):
-        present = labels[k].nonzero()[:, 0]
-        if present.numel() == 0:
-            assert (seg[k] == background).all()
-            continue
-        refine = make_refiner("par", (images[k] * 255).permute(1, 2, 0).numpy())
-        ref = two_threshold_labels(cams[k, present], torch.as_tensor(classes.fg_labels)[present], 0.55, 0.35,
-                                   refine, softmax=True, scale=0.5, background_label=background)
-        assert torch.equal(seg[k], ref)
-    assert torch.equal(pseudo_segmentation(cams, labels, images, classes, chunk_size=2), seg)
-    assert len(seg.unique()) >= 3  # several classes and ignore: the comparison is not between empty maps
+    assert (seg[2] == background).all()
 
 
 def reference_aream_loss(model, x, labels, seg, layer_index, e=None) -> float:
     """Classification + 0.1 * mean over deep blocks of the loop-built balanced loss, from a fresh forward."""
     with torch.no_grad():
-        out = model(x, attn_logits=True)
+        out = model(x, capture=Capture(attn_logits=True))
     cls = float(F.multilabel_soft_margin_loss(out.logits, labels))
     y = loop_affinity_labels(seg, out.grid)
     p = out.num_prefix
@@ -192,11 +250,11 @@ def test_objective_warmup_then_affinity_loss(classes):
     labels = torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1]])
     batch = {"image": x, "label": labels, "mask": torch.zeros(2, 64, 64, dtype=torch.long)}
     ent = [0.5, 0.1, 0.9, 0.3]
-    obj = OBJECTIVES["aream"]({"name": "aream", "warmup_steps": 3, "layer_index": 2, "layer_weights": ent},
-                              classes=classes)
+    obj = build_objective({"name": "aream", "warmup_steps": 3, "layer_index": 2, "layer_weights": ent},
+                          classes=classes)
     loss, logs = obj(model, batch, step=2)  # warm-up: classification only
     assert "aff" not in logs
-    cls_only = F.multilabel_soft_margin_loss(model(x).logits.detach(), labels)
+    cls_only = F.multilabel_soft_margin_loss(model(x).detach(), labels)
     assert float(loss.detach()) == pytest.approx(float(cls_only), rel=1e-6)
     loss, logs = obj(model, batch, step=3)
     seg = obj.pseudo_labels(model, x, labels)
@@ -213,10 +271,12 @@ def test_objective_warmup_then_affinity_loss(classes):
 
 def test_objective_options_checked():
     with pytest.raises(ConfigError, match="unknown"):
-        AReAMObjective({"name": "aream", "layer_idx": 3}, classes=VOC_LIKE)
+        build_objective({"name": "aream", "layer_idx": 3}, classes=VOC_LIKE)
     with pytest.raises(ConfigError, match="low"):
-        AReAMObjective({"name": "aream", "high": 0.3, "low": 0.5}, classes=VOC_LIKE)
-    obj = AReAMObjective({"name": "aream", "layer_index": 4}, classes=VOC_LIKE)
+        build_objective({"name": "aream", "high": 0.3, "low": 0.5}, classes=VOC_LIKE)
+    with pytest.raises(ConfigError, match="aff_weight"):
+        build_objective({"name": "aream", "aff_weight": "0.1"}, classes=VOC_LIKE)  # strict: a string is no number
+    obj = build_objective({"name": "aream", "layer_index": 4}, classes=VOC_LIKE)
     model = create_model("vit_nano_patch16", num_classes=4)
     batch = {"image": torch.randn(1, 3, 32, 32), "label": torch.ones(1, 4)}
     with pytest.raises(ConfigError, match="no deep block"):
@@ -235,7 +295,7 @@ def sharpened(model):
 def loop_entropy(model, image: torch.Tensor, present: list[int]) -> list[float]:
     """Per block: refine each class map separately, add them, softmax, entropy with numpy's log2."""
     with torch.no_grad():
-        out = model(image[None], attn=True)
+        out = model(image[None], capture=Capture(attn=True))
         weight = model.class_weights()[0].detach()
     tokens = out.patch_tokens[0]
     result = []
@@ -268,14 +328,16 @@ def test_entropy_command_writes_the_dataset_mean(shared_data, tmp_path):
     dataset = VOCDataset(root, "train")
     torch.manual_seed(6)
     model = sharpened(create_model("vit_nano_patch16", num_classes=dataset.classes.num_fg))
-    save_model(tmp_path / "model.safetensors", model, model_spec(model, "vit_nano_patch16"))
+    save(tmp_path / "model.safetensors", model,
+         describe(model, "vit_nano_patch16", dataset.classes.names, mean=(0.5,) * 3, std=(0.5,) * 3))
     out = tmp_path / "ent.json"
-    args = argparse.Namespace(checkpoint=str(tmp_path), data=str(root), split="train", out=str(out), size=64,
-                              batch=2, limit=None, mean=[0.5] * 3, std=[0.5] * 3, device="cpu")
-    assert entropy_cli.run(args) == 0
+    from wsss.cli.main import main
+
+    assert main(["entropy", "--checkpoint", str(tmp_path), "--data", str(root), "--split", "train", "--out",
+                 str(out), "--size", "64", "--batch", "2", "--device", "cpu"]) == 0
     written = json.loads(out.read_text())
     assert written["num_images"] == len(dataset)
-    loaded = load_model(tmp_path).eval()
+    loaded, _ = load(tmp_path)
     transform = eval_transforms((64, 64), interpolation="bicubic")
     per_image = [loop_entropy(loaded, transform(dataset.load_image(i))[0],
                               np.flatnonzero(dataset.labels(i)).tolist()) for i in range(len(dataset))]
@@ -291,5 +353,5 @@ def test_presets_load_and_build(preset, classes):
     obj = build_objective(cfg["method"], classes=classes)
     assert cfg["model"]["weights"] is None  # never a hardcoded path: given on the command line
     if preset.startswith("aream"):
-        assert isinstance(obj, AReAMObjective) and obj.layer_index == 7 and obj.aff_weight == 0.1
+        assert isinstance(obj, AReAMObjective) and obj.layer_index == 7 and obj.options.aff_weight == 0.1
         assert 0 < obj.warmup_steps < cfg["train"]["steps"]

@@ -53,7 +53,7 @@ def broken(tmp_path: Path) -> Path:
 
 def _kinds(report) -> list[tuple[str, str]]:
     """(file name, problem keyword) pairs, for comparing with a hand-written list."""
-    keywords = ("listed 2 times", "image file not found", "mask file not found", "cannot decode image",
+    keywords = ("listed 2 times", "no image file for id", "mask file not found", "cannot decode image",
                 "outside the 3 classes", "differs from the image", "no foreground class")
     out = []
     for path, problem in report.problems:
@@ -68,7 +68,7 @@ def test_every_problem_is_reported(broken: Path):
     assert not report.ok
     assert _kinds(report) == sorted([
         ("train.txt", "listed 2 times"),
-        ("noimg.jpg", "image file not found"),
+        ("JPEGImages", "no image file for id"),
         ("nomask.png", "mask file not found"),
         ("badimg.jpg", "cannot decode image"),
         ("badlabel.png", "outside the 3 classes"),
@@ -111,12 +111,16 @@ def test_labels_only_dataset_checks_labels_json(tmp_path: Path):
     (tmp_path / "labels.json").write_text(json.dumps(entries))
     report = check_dataset(tmp_path, "train")
     assert not report.has_masks
-    assert sorted((Path(p.split(" [")[0]).name, p.split(" [")[1], msg) for p, msg in report.problems) == [
-        ("labels.json", "b]", "empty label set"),
-        ("labels.json", "c]", "labels [5] are outside the class list"),
-        ("labels.json", "d]", "no entry for this image"),
-        ("labels.json", "f]", "empty label set"),  # background only
-        ("labels.json", "g]", "unknown class names ['cow']"),
+    labels = str(tmp_path / "labels.json")
+    assert {path for path, _ in report.problems} == {labels}
+    assert sorted(msg.split(";")[0] for _, msg in report.problems) == [
+        "image 'b': empty label set",
+        "image 'f': empty label set",  # background only
+        "key 'c': label index 5 is outside the classes 0..2",
+        "key 'g': unknown class 'cow'",
+        "no entry for image 'd' of split 'train'",
+        f"no image file for id 'x' (x.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp, any letter case) in "
+        f"{tmp_path / 'JPEGImages'}",  # an entry with no image
     ]
     np.testing.assert_array_equal(report.images_per_class, [0, 1, 2])
     assert report.label_set_sizes == {0: 2, 1: 1, 2: 1}

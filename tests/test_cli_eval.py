@@ -9,11 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from wsss.cli import eval as eval_cli
+from wsss.cli.main import main
 from wsss.data.io import save_maps, write_mask
 from wsss.errors import ConfigError, DataError
-from wsss.evaluate import ConfusionMatrix, ThresholdSweep, evaluate_split, maps_to_labels, read_split_ids
+from wsss.evaluate import ConfusionMatrix, ThresholdSweep, evaluate_split, read_split_ids
+from wsss.pseudo.labels import maps_to_labels
 
 # Two 2x4 images, classes background/cat/dog. Non-ignored (gt, pred) counts give the matrix
 #   rows = gt: [[6, 1, 0], [0, 3, 1], [1, 0, 3]]
@@ -42,6 +45,10 @@ def _label_preds(folder: Path, preds: dict[str, np.ndarray]) -> Path:
     for image_id, pred in preds.items():
         write_mask(folder / f"{image_id}.png", pred)
     return folder
+
+
+def _labels(maps: np.ndarray, classes: np.ndarray, threshold: float | None) -> np.ndarray:
+    return maps_to_labels(torch.from_numpy(maps), classes, threshold).numpy()
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -81,6 +88,21 @@ def test_cli_end_to_end_via_parser(tmp_path, capsys):
     assert "threshold" not in data and "curve" not in data
 
 
+def test_limit_scores_the_first_images_of_the_split(tmp_path):
+    root = _dataset(tmp_path / "data", GTS, NAMES)
+    pred = _label_preds(tmp_path / "pred", {"img_a": PREDS["img_a"]})  # img_b has no prediction
+    assert main(["eval", "--data", str(root), "--split", "val", "--pred", str(pred), "--limit", "1"]) == 0
+    data = json.loads((pred / "metrics.json").read_text())
+    assert data["num_images"] == 1 and data["limit"] == 1
+    expected = ConfusionMatrix(3)
+    expected.update(PREDS["img_a"], GTS["img_a"])
+    assert data["miou"] == pytest.approx(expected.compute()["miou"])
+    assert main(["eval", "--data", str(root), "--split", "val", "--pred", str(pred)]) == 2  # img_b is missing
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--data", str(root), "--split", "val", "--pred", str(pred), "--limit", "0"])
+    assert info.value.code == 64
+
+
 def test_cli_random_dataset_matches_a_confusion_matrix_by_hand(tmp_path):
     rng = np.random.default_rng(0)
     gts, preds = {}, {}
@@ -102,6 +124,7 @@ def test_cli_random_dataset_matches_a_confusion_matrix_by_hand(tmp_path):
         sweep=False,
         thresholds=None,
         workers=0,
+        limit=None,
         absent_as_zero=False,
     )
     assert eval_cli.run(ns) == 0
@@ -140,7 +163,7 @@ def test_maps_with_a_threshold_and_a_sweep(tmp_path, capsys):
     root, pred, gts, maps, num_classes = _maps_dataset(tmp_path, has_background=True)
     ref = ConfusionMatrix(num_classes)
     for key, gt in gts.items():
-        ref.update(maps_to_labels(*maps[key], 0.4, True), gt)
+        ref.update(_labels(*maps[key], 0.4), gt)
     m = evaluate_split(root, "val", pred, threshold=0.4, progress=False)
     np.testing.assert_array_equal(m["confusion_matrix"], ref.matrix)
     assert m["threshold"] == 0.4
@@ -164,7 +187,7 @@ def test_maps_without_background_need_no_threshold(tmp_path):
     root, pred, gts, maps, num_classes = _maps_dataset(tmp_path, has_background=False)
     ref = ConfusionMatrix(num_classes)
     for key, gt in gts.items():
-        ref.update(maps_to_labels(*maps[key], None, False), gt)
+        ref.update(_labels(*maps[key], None), gt)
     m = evaluate_split(root, "val", pred, progress=False)
     np.testing.assert_array_equal(m["confusion_matrix"], ref.matrix)
     with pytest.raises(ConfigError, match="no background"):

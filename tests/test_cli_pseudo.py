@@ -13,7 +13,8 @@ from PIL import Image
 from wsss.cli import pseudo as pseudo_cli
 from wsss.data.io import load_maps, read_mask, save_maps, write_mask
 from wsss.errors import ConfigError, DataError
-from wsss.pseudo import label_completion, maps_to_labels_threshold, psa_labels, two_threshold_labels
+from wsss.methods import REGISTRY
+from wsss.pseudo import label_completion, maps_to_labels, psa_labels, two_threshold_labels
 from wsss.refine import make_refiner
 
 H, W = 24, 32
@@ -56,13 +57,17 @@ def dataset(tmp_path: Path) -> dict[str, Path]:
     return {"root": root, "maps": maps_dir, "out": tmp_path / "out", "tmp": tmp_path}
 
 
-def _run(dataset: dict[str, Path], *extra: str, out: Path | None = None) -> int:
+def _parse(dataset: dict[str, Path], *extra: str, out: Path | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     pseudo_cli.add_parser(parser.add_subparsers())
-    args = parser.parse_args(
+    return parser.parse_args(
         ["pseudo", "--maps", str(dataset["maps"]), "--data", str(dataset["root"]), "--split", "train",
          "--out", str(out or dataset["out"]), *extra]
     )
+
+
+def _run(dataset: dict[str, Path], *extra: str, out: Path | None = None) -> int:
+    args = _parse(dataset, *extra, out=out)
     return args.func(args)
 
 
@@ -106,7 +111,8 @@ def test_refinements_and_rules_match_the_library(dataset):
     for image_id in IDS:
         maps_t, classes = _stored_maps(dataset, image_id)
         image = _image(dataset, image_id)
-        expected = two_threshold_labels(maps_t, classes, 0.55, 0.35, refine=make_refiner("par", image))
+        expected = two_threshold_labels(maps_t[None], torch.as_tensor(classes)[None], 0.55, 0.35,
+                                        refine=make_refiner("par", image))[0]
         assert np.array_equal(_labels(dataset, "two", image_id), expected.numpy())
         refined = make_refiner("pamr", image)(maps_t[None])[0]
         refined = refined / (refined.amax(dim=(1, 2), keepdim=True) + 1e-5)
@@ -141,7 +147,7 @@ def test_affinity_refinement_reads_per_image_affinities(dataset):
         maps_t, classes = _stored_maps(dataset, image_id)
         refiner = make_refiner("affinity", None, affinity=torch.from_numpy(affinities[image_id]), grid=(3, 4),
                                affinity_power=2)
-        expected = maps_to_labels_threshold(maps_t, classes, 0.5, refine=refiner)
+        expected = maps_to_labels(maps_t, classes, 0.5, refine=refiner)
         assert np.array_equal(_labels(dataset, "walk", image_id), expected.numpy())
     np.savez(aff_dir / "a.npz", affinity=np.ones((5, 5)), grid=np.array([3, 4]))
     with pytest.raises(DataError, match=r"a\.npz.*not \(N, N\)"):
@@ -190,3 +196,52 @@ def test_bad_options_are_config_errors(dataset):
         _run(dataset, "--completion", "--refine", "crf")
     with pytest.raises(SystemExit):  # the rules exclude each other
         _run(dataset, "--bg-threshold", "0.5", "--psa-alpha", "1")
+
+
+def test_a_method_recipe_gives_the_rule_and_refinement(dataset):
+    """--method NAME takes the method's PseudoRecipe; the flags override single settings."""
+    choices = {m.name for m in REGISTRY if m.pseudo is not None}
+    assert {"baseline", "getam", "acr", "aream"} <= choices
+    for name in sorted(choices):
+        args = _parse(dataset, "--method", name)
+        settings = pseudo_cli.settings_from_args(args, 3, True)
+        recipe = REGISTRY.get(name).pseudo
+        assert settings.rule == recipe.rule and settings.refine == recipe.refine
+        assert (settings.iterations, settings.crf, settings.scale, settings.softmax) == (
+            recipe.iterations, recipe.crf, recipe.scale, recipe.softmax)
+        assert all(getattr(settings, key) == value for key, value in recipe.params.items())
+    args = _parse(dataset, "--method", "aream", "--refine", "none", "--scale", "1", "--no-softmax")
+    settings = pseudo_cli.settings_from_args(args, 3, True)
+    assert (settings.rule, settings.high, settings.low) == ("two_thresholds", 0.55, 0.35)
+    assert (settings.refine, settings.scale, settings.softmax) == ("none", 1.0, False)
+    args = _parse(dataset, "--method", "getam", "--cut-threshold", "0.5", "--iterations", "3")
+    settings = pseudo_cli.settings_from_args(args, 3, True)
+    assert (settings.rule, settings.cut_threshold, settings.iterations, settings.refine) == (
+        "completion", 0.5, 3, "pamr")
+
+
+def test_a_method_recipe_writes_what_its_flags_write(dataset):
+    recipe = REGISTRY.get("baseline").pseudo
+    assert recipe.rule == "threshold"
+    _run(dataset, "--method", "baseline", out=dataset["tmp"] / "recipe")
+    _run(dataset, "--bg-threshold", str(recipe.params["bg_threshold"]), "--refine", recipe.refine,
+         "--iterations", str(recipe.iterations), out=dataset["tmp"] / "flags")
+    for image_id in IDS:
+        assert np.array_equal(_labels(dataset, "recipe", image_id), _labels(dataset, "flags", image_id))
+
+
+def test_exactly_one_rule_or_method(dataset, capsys):
+    with pytest.raises(SystemExit):
+        _parse(dataset)
+    assert "one of the arguments --method --bg-threshold" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parse(dataset, "--method", "baseline", "--bg-threshold", "0.5")
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the segmentation stage has no pseudo-label recipe
+        _parse(dataset, "--method", "segmentation")
+
+
+def test_limit_labels_the_first_images(dataset, capsys):
+    assert _run(dataset, "--bg-threshold", "0.5", "--limit", "2") == 0
+    assert sorted(p.stem for p in dataset["out"].glob("*.png")) == list(IDS[:2])
+    assert "wrote 2 pseudo labels" in capsys.readouterr().out

@@ -68,6 +68,7 @@ def files(run_dir: Path) -> list[str]:
                   for p in run_dir.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """torchrun, 2 CPU processes x batch 2 against 1 process x batch 4, over an epoch boundary: same weights, same
     logged losses (averaged over the ranks), validation sharded and merged, and only rank 0 writes."""

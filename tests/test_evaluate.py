@@ -15,12 +15,12 @@ from wsss.evaluate import (
     ConfusionMatrix,
     ThresholdSweep,
     format_table,
-    maps_to_labels,
     metrics_from_matrix,
     pixel_counts,
     threshold_grid,
     write_metrics_json,
 )
+from wsss.pseudo.labels import maps_to_labels
 
 # A 2x3 example with 3 classes. Non-ignored (gt, pred) pairs: (0,0) (0,1) (1,1) (1,1) (2,1); the pixel
 # with gt 255 is skipped whatever its prediction. Rows = gt:  [[1,1,0],[0,2,0],[0,1,0]].
@@ -178,18 +178,47 @@ def test_all_reduce_sums_over_two_processes(tmp_path):
 
 
 def test_maps_to_labels_hand_example():
-    maps = np.array([[[0.2, 0.5], [0.4, 0.9]], [[0.3, 0.6], [0.4, 0.9]]], dtype=np.float32)
-    # with background at t=0.4: 0.3 < t -> bg; 0.6 -> class 5; 0.4 ties t -> bg wins; 0.9 tie -> first map
-    np.testing.assert_array_equal(maps_to_labels(maps, [3, 5], 0.4, True), [[0, 5], [0, 3]])
-    np.testing.assert_array_equal(maps_to_labels(maps, [3, 5], 0.0, True), [[5, 5], [3, 3]])
-    np.testing.assert_array_equal(maps_to_labels(maps, [3, 5], None, False), [[5, 5], [3, 3]])
-    zeros = np.zeros((2, 2, 2), dtype=np.float32)
-    np.testing.assert_array_equal(maps_to_labels(zeros, [4, 1], None, False), np.full((2, 2), 4))
-    np.testing.assert_array_equal(maps_to_labels(zeros[:0], [], 0.3, True), np.zeros((2, 2)))
+    maps = torch.tensor([[[0.2, 0.5], [0.4, 0.9]], [[0.3, 0.6], [0.4, 0.9]]])
+    # with background at t=0.4: 0.3 < t -> bg; 0.6 -> class 5; 0.4 ties t -> bg wins; 0.9 tie -> the lower label
+    assert maps_to_labels(maps, [3, 5], 0.4).tolist() == [[0, 5], [0, 3]]
+    assert maps_to_labels(maps, [3, 5], 0.0).tolist() == [[5, 5], [3, 3]]
+    assert maps_to_labels(maps, [3, 5], None).tolist() == [[5, 5], [3, 3]]
+    # The stored order does not matter: ties go to the lower label, not to the first map.
+    assert maps_to_labels(maps.flip(0), [5, 3], 0.4).tolist() == [[0, 5], [0, 3]]
+    assert maps_to_labels(maps.flip(0), [5, 3], None).tolist() == [[5, 5], [3, 3]]
+    zeros = torch.zeros(2, 2, 2)
+    assert maps_to_labels(zeros, [4, 1], None).tolist() == [[1, 1], [1, 1]]
+    assert maps_to_labels(zeros[:0], [], 0.3).tolist() == [[0, 0], [0, 0]]
+    assert maps_to_labels(maps, [3, 5], 0.95, background_label=255).tolist() == [[255, 255], [255, 255]]
+    # The threshold is compared in the maps' dtype: float32 0.55 ties with t = 0.55 (it is 0.55000001 in float64).
+    assert maps_to_labels(torch.tensor([[[0.55]]]), [2], 0.55).tolist() == [[0]]
+    assert maps_to_labels(torch.tensor([[[0.55]]], dtype=torch.float64), [2], 0.5499999).tolist() == [[2]]
     with pytest.raises(ValueError):
-        maps_to_labels(maps, [3, 5], None, True)  # a background dataset needs a threshold
+        maps_to_labels(zeros[:0], [], None)  # without a threshold there is nothing to label with
     with pytest.raises(ValueError):
-        maps_to_labels(maps, [0, 5], 0.5, True)  # background is never a stored map
+        maps_to_labels(maps, [0, 5], 0.5)  # background is never a stored map
+    with pytest.raises(ValueError):
+        maps_to_labels(maps, [3, 3], 0.5)  # one map per class
+
+
+def _pixel_rule(maps: np.ndarray, classes, thresholds, has_background: bool) -> np.ndarray:
+    """(T, H, W) labels, pixel by pixel: the lowest label among the maps with the largest value; with a background
+    class, background unless that value beats t (compared in float32, the maps' dtype)."""
+    k, h, w = maps.shape
+    out = np.zeros((len(thresholds), h, w), dtype=np.int64)
+    for y in range(h):
+        for x in range(w):
+            best_value, best_label = None, None
+            for c in range(k):
+                value, label = float(maps[c, y, x]), int(classes[c])
+                if best_value is None or value > best_value or (value == best_value and label < best_label):
+                    best_value, best_label = value, label
+            for i, t in enumerate(thresholds):
+                if not has_background:
+                    out[i, y, x] = best_label
+                elif best_value is not None and best_value > float(np.float32(t)):
+                    out[i, y, x] = best_label
+    return out
 
 
 def _random_image(rng, num_classes: int, has_background: bool, size=(9, 12), num_maps=None):
@@ -204,13 +233,13 @@ def _random_image(rng, num_classes: int, has_background: bool, size=(9, 12), num
 
 
 def _reference_matrices(images, num_classes, thresholds, has_background):
-    out = []
-    for t in thresholds:
-        cm = ConfusionMatrix(num_classes)
-        for maps, classes, gt in images:
-            cm.update(maps_to_labels(maps, classes, t if has_background else None, has_background), gt)
-        out.append(cm.matrix)
-    return np.stack(out)
+    out = np.zeros((len(thresholds), num_classes, num_classes), dtype=np.int64)
+    for maps, classes, gt in images:
+        labels = _pixel_rule(maps, classes, thresholds, has_background)
+        for i in range(len(thresholds)):
+            for y, x in zip(*np.nonzero(gt != 255)):
+                out[i, gt[y, x], labels[i, y, x]] += 1
+    return out
 
 
 def _reference_miou(matrix: np.ndarray) -> float:

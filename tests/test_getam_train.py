@@ -15,7 +15,8 @@ from wsss.localize import localize
 from wsss.models import create_model
 from wsss.pseudo import label_completion, label_completion_with_saliency
 from wsss.refine import pamr
-from wsss.train.getam import GETAMObjective, present_classes
+from wsss.localize.base import present_classes
+from wsss.methods.getam.objective import GETAMObjective
 from wsss.train.objectives import build_objective
 
 VOC_LIKE = ClassSet(("background", "cat", "dog", "car"))
@@ -41,8 +42,7 @@ def _objective(classes: ClassSet = VOC_LIKE, **options) -> GETAMObjective:
 
 def _model(objective: GETAMObjective, classes: ClassSet = VOC_LIKE, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    spec: dict = {}
-    return objective.build_model(create_model("vit_nano_patch16", num_classes=classes.num_fg, head="gap"), spec)
+    return objective.build_model(create_model("vit_nano_patch16", num_classes=classes.num_fg, head="gap"))
 
 
 def test_present_classes_by_hand():
@@ -104,6 +104,7 @@ def test_pseudo_labels_equal_the_building_blocks_image_by_image(classes):
     assert present - {255} and present <= {0, 1, 2, 3, 255}
 
 
+@pytest.mark.slow
 def test_loss_is_finite_and_falls_on_a_tiny_model():
     objective = _objective(cls_steps=0, dropout=0.0)
     model = _model(objective)

@@ -96,12 +96,13 @@ def test_every_bad_row_is_named(folder):
     message = str(info.value)
     assert str(root / "labels.csv") in message
     assert "7 problem(s)" in message
-    assert "row 3 (missing.png): image not found" in message
+    assert "no image file for id 'missing' (missing.jpg, .jpeg" in message and str(root / "images") in message
     assert "row 4 (b.png): unknown class 'kitten'" in message
-    assert "row 5 (sub/c.png): empty label set" in message
-    assert "row 6 (a): image a listed twice" in message
-    assert "row 7 (b): image b listed twice" in message
-    assert "row 9 (d): empty label set" in message  # background only
+    assert "image 'sub/c': empty label set" in message
+    assert "row 6 (a): image 'a' is already listed in row 2 (a.png)" in message
+    assert "row 7 (b): image 'b' is already listed in row 4 (b.png)" in message
+    assert "row 8 (b): image 'b' is already listed in row 4 (b.png)" in message
+    assert "image 'd': empty label set" in message  # background only
 
 
 def test_bad_labels_and_files(folder):
@@ -114,7 +115,7 @@ def test_bad_labels_and_files(folder):
         classes.parse_label("cats")
     assert classes.parse_label("DOG") == 2 and classes.parse_label(3) == 3
     (root / "labels.json").write_text(json.dumps({"a.png": []}))
-    with pytest.raises(DataError, match=r"image a.png: empty label set"):
+    with pytest.raises(DataError, match=r"image 'a': empty label set"):
         LabelledImageFolder(root)
     (root / "labels.json").write_text(json.dumps(["a.png"]))
     with pytest.raises(DataError, match="JSON labels must be an object"):
@@ -122,9 +123,14 @@ def test_bad_labels_and_files(folder):
     (root / "labels.json").unlink()
     with pytest.raises(DataError, match="no labels.csv or labels.json"):
         LabelledImageFolder(root)
-    (root / "labels.csv").write_text("file,classes\na.png,cat\n")
-    with pytest.raises(DataError, match="header 'image,labels'"):
+    (root / "labels.csv").write_text("file,classes\na.png,cat\n")  # any header naming the image column
+    assert LabelledImageFolder(root).labels == [(1,)]
+    (root / "labels.csv").write_text("a.png,cat\n")  # the header is optional
+    assert LabelledImageFolder(root).labels == [(1,)]
+    (root / "labels.json").write_text(json.dumps({"a": [1]}))
+    with pytest.raises(DataError, match="both labels.json and labels.csv exist"):
         LabelledImageFolder(root)
+    (root / "labels.json").unlink()
     (root / "classes.txt").unlink()
     with pytest.raises(DataError, match="class list not found"):
         LabelledImageFolder(root)

@@ -7,9 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from reference_maps import reference_maps
-from wsss.localize import GETAM, METHODS, localize
-from wsss.models import create_model
+from reference_maps import reference_localize, reference_maps
+from wsss.localize import localize
+from wsss.methods import REGISTRY
+from wsss.methods.getam import GETAM
+from wsss.models import create_model, Capture
 from wsss.models.vit import VisionTransformer
 
 HORSE_CLASS = 339
@@ -39,6 +41,38 @@ def test_batched_maps_match_per_class_loop(method):
     assert torch.all(ours[1, 1:] == 0), "padded class slots must be empty maps"
 
 
+@pytest.mark.parametrize("method", ["cam", "gradcam", "aream"])
+def test_cam_gradcam_aream_values_against_the_functional_reference(method):
+    """Every view of two scales (the second needs interpolated position embeddings) and their mirror images, on a
+    non-square 4x6 grid, with an unused slot in the middle of a class list: the maps equal the view-by-view
+    float64 reference of reference_maps.py."""
+    model = _small_model(img_size=(32, 48))
+    state = {k: v.detach().double() for k, v in model.state_dict().items()}
+    images = torch.randn(2, 3, 32, 48)
+    classes = torch.tensor([[0, -1, 4], [2, 1, -1]])
+    ours = localize(model, images, classes, method=method, scales=(1.0, 1.5), flip=True)
+    ref = reference_localize(state, images.double(), classes.tolist(), method, num_heads=3, patch=8,
+                             scales=(1.0, 1.5), flip=True, base_grid=(4, 6)).float()
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    assert ours[0, 1].abs().max() == 0 and ours[1, 2].abs().max() == 0
+    # The maps are not trivially flat, and the classes and the views matter.
+    assert all(float(ours[b, k].max()) > 0.99 for b, k in ((0, 0), (0, 2), (1, 0), (1, 1)))
+    assert (ours[0, 0] - ours[0, 2]).abs().max() > 0.05
+    single = localize(model, images, classes, method=method)
+    assert (single - ours).abs().max() > 0.05
+
+
+def test_start_layer_out_of_range_is_an_error():
+    model = _small_model()
+    for method in ("getam", "acr"):
+        with pytest.raises(ValueError, match="start_layer"):
+            localize(model, torch.randn(1, 3, 32, 32), [[0]], method=method, start_layer=4)
+    # In range (negative counts from the end) it works and equals the non-negative index.
+    image = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(localize(model, image, [[0]], method="getam", start_layer=-1),
+                               localize(model, image, [[0]], method="getam", start_layer=3))
+
+
 def test_getam_grad_power_one_differs_and_matches_reference():
     model = _small_model(seed=1)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -54,7 +88,7 @@ def test_all_methods_all_heads_run_and_flip_is_equivariant():
     for head in ("token", "gap", "conv", "mct"):
         model = _small_model(head=head)
         images = torch.randn(2, 3, 32, 32)
-        for name in METHODS:
+        for name in REGISTRY.maps():
             maps = localize(model, images, torch.tensor([[1, 2], [0, 4]]), method=name)
             assert maps.shape == (2, 2, 32, 32)
             assert maps.min() >= 0 and maps.max() <= 1
@@ -113,6 +147,7 @@ def _best_miou(maps, masks):
     return best
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["getam", "acr", "rollout"])
 def test_zero_shot_horses_agree_with_independent_implementation(shared_data, vit_tiny_weights, method):
     images, masks = _horses(shared_data, 8)
@@ -131,11 +166,11 @@ def test_zero_shot_horses_agree_with_independent_implementation(shared_data, vit
 def test_prefix_only_last_block_and_partial_capture_keep_logits():
     model = _small_model()
     x = torch.randn(2, 3, 32, 32)
-    full = model(x, attn=True)
-    fast = model(x, attn=True, prefix_only_last=True, capture_from_block=2)
+    full = model(x, capture=Capture(attn=True))
+    fast = model(x, capture=Capture(attn=True, prefix_only_last=True, capture_from_block=2))
     torch.testing.assert_close(fast.logits, full.logits, atol=1e-5, rtol=1e-5)
     assert fast.attn[0] is None and fast.attn[1] is None
     torch.testing.assert_close(fast.attn[2], full.attn[2])
     torch.testing.assert_close(fast.attn[-1], full.attn[-1][:, :, :1])  # only the class-token query row
-    with pytest.raises(ValueError, match="token head"):
-        _small_model(head="gap")(x, prefix_only_last=True)
+    with pytest.raises(ValueError, match="class token"):
+        _small_model(head="gap")(x, capture=Capture(prefix_only_last=True))

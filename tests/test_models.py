@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from wsss.models import VisionTransformer, create_model
+from wsss.models import VisionTransformer, create_model, Capture
 
 NANO = dict(patch_size=16, embed_dim=64, depth=4, num_heads=2)
 
@@ -69,7 +69,7 @@ def test_vit_tiny_reproduces_imagenet_top1(vit_tiny, vit_tiny_weights):
     names = sorted(expected)
     x = torch.stack([preprocess(samples / n) for n in names])
     with torch.no_grad():
-        probs = vit_tiny(x).logits.softmax(dim=-1)
+        probs = vit_tiny(x).softmax(dim=-1)
     top_p, top_i = probs.max(dim=-1)
     assert top_i.tolist() == [expected[n]["top1"] for n in names]
     np.testing.assert_allclose(top_p.numpy(), [expected[n]["prob"] for n in names], atol=0.01)
@@ -80,9 +80,9 @@ def test_vit_tiny_capture_path_on_real_weights(vit_tiny, vit_tiny_weights):
     x = preprocess(vit_tiny_weights.parent / "imagenet_samples" / "n01855032_1046.JPEG")[None]
     with torch.no_grad():
         fast = vit_tiny(x)
-        slow = vit_tiny(x, attn=True)
+        slow = vit_tiny(x, capture=Capture(attn=True))
     assert len(slow.attn) == 12
-    torch.testing.assert_close(slow.logits, fast.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(slow.logits, fast, atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------- attention and gradients
@@ -112,8 +112,8 @@ def test_fast_and_capture_paths_agree():
     model = nano()
     x = images(2, 64, 96)
     with torch.no_grad():
-        fast = model(x)
-        slow = model(x, attn=True, attn_logits=True, hidden=True)
+        fast = model(x, capture=Capture())
+        slow = model(x, capture=Capture(attn=True, attn_logits=True, hidden=True))
     assert fast.attn == [] and fast.attn_logits == [] and fast.hidden == []
     torch.testing.assert_close(slow.logits, fast.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(slow.tokens, fast.tokens, atol=1e-5, rtol=0)
@@ -133,14 +133,14 @@ def test_grad_from_block_stops_gradients_below_it():
     model = nano()
     x = images(2, 64, 64)
     full_x = x.clone().requires_grad_()
-    full = model(full_x, attn=True)
+    full = model(full_x, capture=Capture(attn=True))
     full.logits.sum().backward()
     assert full_x.grad is not None and full_x.grad.abs().sum() > 0
     full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
     part_x = x.clone().requires_grad_()
-    part = model(part_x, attn=True, grad_from_block=2)
+    part = model(part_x, capture=Capture(attn=True, grad_from_block=2))
     torch.testing.assert_close(part.logits, full.logits, atol=0, rtol=0)
     for a, b in zip(part.attn, full.attn):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
@@ -162,7 +162,7 @@ def test_non_square_input_uses_the_resized_position_embedding():
     model = nano()
     x = images(1, 224, 320)
     with torch.no_grad():
-        out = model(x)
+        out = model(x, capture=Capture())
         # the same network built for 224x320 with the resized table stored as its own
         native = VisionTransformer(**NANO, img_size=(224, 320), num_classes=5).eval()
         state = dict(model.state_dict(), pos_embed=model.interpolate_pos_embed((14, 20)))
@@ -170,13 +170,13 @@ def test_non_square_input_uses_the_resized_position_embedding():
         ref = native(x)
     assert out.grid == (14, 20)
     assert native.base_grid == (14, 20)
-    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=0)
     # the table matters: a bilinear resize of it gives other logits, so the comparison above can fail
     with torch.no_grad():
         table = model.pos_embed[:, 1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
         bilinear = F.interpolate(table, size=(14, 20), mode="bilinear", align_corners=False)
         native.pos_embed[:, 1:] = bilinear.flatten(2).transpose(1, 2)
-        assert (native(x).logits - out.logits).abs().max() > 1e-3
+        assert (native(x) - out.logits).abs().max() > 1e-3
 
 
 def test_interpolate_pos_embed_matches_bicubic_resize():
@@ -226,7 +226,7 @@ def hand_cam(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gri
 def test_token_head():
     model = nano()
     with torch.no_grad():
-        out = model(images(2, 64, 64))
+        out = model(images(2, 64, 64), capture=Capture())
     w, b = model.head.weight, model.head.bias
     torch.testing.assert_close(out.logits, out.tokens[:, 0] @ w.T + b, atol=1e-5, rtol=0)
     cw, cb = model.class_weights()
@@ -236,7 +236,7 @@ def test_token_head():
 def test_gap_head():
     model = nano(head_type="gap")
     with torch.no_grad():
-        out = model(images(2, 64, 80))
+        out = model(images(2, 64, 80), capture=Capture())
     w, b = model.head.weight, model.head.bias
     pooled = out.tokens[:, 1:].sum(1) / (4 * 5)
     torch.testing.assert_close(out.logits, pooled @ w.T + b, atol=1e-5, rtol=0)
@@ -247,7 +247,7 @@ def test_gap_head():
 def test_conv_head_pools_the_cam(pool):
     model = nano(head_type="conv", pool=pool)
     with torch.no_grad():
-        out = model(images(2, 48, 80))
+        out = model(images(2, 48, 80), capture=Capture())
     assert out.grid == (3, 5)
     weight, bias = model.class_weights()
     torch.testing.assert_close(weight, model.head.weight[:, :, 0, 0], atol=0, rtol=0)
@@ -265,7 +265,7 @@ def test_mct_head():
     assert model.num_prefix == k
     assert model.cls_token.shape[1] == k and model.pos_embed.shape[1] == k + 16
     with torch.no_grad():
-        out = model(images(2, 64, 96))
+        out = model(images(2, 64, 96), capture=Capture())
     assert out.num_prefix == k
     torch.testing.assert_close(out.logits, out.tokens[:, :k].sum(-1) / 64, atol=1e-5, rtol=0)
     # 3x3 conv on the patch map, written as unfold + matrix product
@@ -283,7 +283,7 @@ def test_distilled_head_averages_both_prefix_tokens():
     model = nano(distilled=True)
     assert model.num_prefix == 2
     with torch.no_grad():
-        out = model(images(2, 64, 64))
+        out = model(images(2, 64, 64), capture=Capture())
     head = out.tokens[:, 0] @ model.head.weight.T + model.head.bias
     dist = out.tokens[:, 1] @ model.head_dist.weight.T + model.head_dist.bias
     assert (head - dist).abs().max() > 0.1
@@ -294,7 +294,7 @@ def test_distilled_head_averages_both_prefix_tokens():
 def test_headless_model_returns_the_class_token():
     model = nano(num_classes=0)
     with torch.no_grad():
-        out = model(images(1, 64, 64))
+        out = model(images(1, 64, 64), capture=Capture())
     torch.testing.assert_close(out.logits, out.tokens[:, 0], atol=0, rtol=0)
     with pytest.raises(ValueError):
         model.class_weights()

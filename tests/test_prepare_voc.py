@@ -174,7 +174,7 @@ def test_prepare_voc_reports_every_problem(sources, tmp_path: Path):
     assert "3 problem(s)" in message
     assert "s1.mat" in message and "[33]" in message
     assert "s2: no mask" in message
-    assert "a2.jpg not found" in message
+    assert "a2: " in message and "no image file for id 'a2' (a2.jpg" in message
     assert not (tmp_path / "out" / "labels.json").exists()
 
 

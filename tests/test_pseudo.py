@@ -11,7 +11,7 @@ from wsss.pseudo import (
     binary_opening,
     label_completion,
     label_completion_with_saliency,
-    maps_to_labels_threshold,
+    maps_to_labels,
     percentile_threshold,
     psa_labels,
     two_threshold_labels,
@@ -30,11 +30,11 @@ def test_threshold_labels_by_hand():
         [[0.9, 0.5, 0.2], [0.7, 0.7, 0.0]],   # label 15
         [[0.1, 0.4, 0.6], [0.7, 0.2, 0.0]],   # label 3
     ])
-    labels = maps_to_labels_threshold(maps, [15, 3], bg_threshold=0.5)
+    labels = maps_to_labels(maps, [15, 3], 0.5)
     # 0.5 == t is background (ties go to the background); 0.7 vs 0.7 goes to the lower label 3
     assert labels.tolist() == [[15, 0, 3], [3, 15, 0]]
     assert labels.dtype == torch.int64
-    no_bg = maps_to_labels_threshold(maps, [15, 3], bg_threshold=0.5, background_label=255)
+    no_bg = maps_to_labels(maps, [15, 3], 0.5, background_label=255)
     assert no_bg.tolist() == [[15, 255, 3], [3, 15, 255]]
 
 
@@ -49,8 +49,8 @@ def test_two_thresholds_by_hand():
     maps = T([[[0.8, 0.5, 0.2], [0.36, 0.34, 0.56]]])
     expected = [[4, 255, 0], [255, 0, 4]]
     for softmax in (False, True):
-        labels = two_threshold_labels(maps, [4], high=0.55, low=0.35, softmax=softmax, scale=1.0)
-        assert labels.tolist() == expected
+        labels = two_threshold_labels(maps[None], T([[4]]), high=0.55, low=0.35, softmax=softmax, scale=1.0)
+        assert labels.tolist() == [expected]
 
 
 def test_two_thresholds_two_classes_by_hand():
@@ -58,9 +58,18 @@ def test_two_thresholds_two_classes_by_hand():
         [[0.6, 0.4, 0.1]],  # label 2
         [[0.1, 0.2, 0.3]],  # label 9
     ])
-    labels = two_threshold_labels(maps, [2, 9], high=0.55, low=0.25, scale=1.0)
+    labels = two_threshold_labels(maps[None], T([[2, 9]]), high=0.55, low=0.25, scale=1.0)
     # pixel 0: class 2 above both; pixel 1: between -> 255; pixel 2: only label 9 beats the low threshold -> 255
-    assert labels.tolist() == [[2, 255, 255]]
+    assert labels.tolist() == [[[2, 255, 255]]]
+    # The stored order and an unused slot (-1, whatever its scores) change nothing; background_label is used.
+    noise = torch.full((1, 1, 3), 5.0)
+    swapped = two_threshold_labels(torch.cat([noise, maps.flip(0)])[None], T([[-1, 9, 2]]), high=0.55, low=0.25,
+                                   scale=1.0)
+    assert swapped.tolist() == [[[2, 255, 255]]]
+    none_used = two_threshold_labels(maps[None], T([[-1, -1]]), scale=1.0, background_label=255)
+    assert none_used.tolist() == [[[255, 255, 255]]]
+    with pytest.raises(ValueError):
+        two_threshold_labels(maps[None], T([[2, 9]]), high=0.3, low=0.5)
 
 
 def test_refine_hook_sees_half_size_and_decides():
@@ -72,35 +81,43 @@ def test_refine_hook_sees_half_size_and_decides():
         seen.append(tuple(scores.shape))
         return scores.flip(1)  # exchanges background and class: every label flips
 
-    labels = maps_to_labels_threshold(maps, [1], 0.5, refine=swap, softmax=True, scale=0.5)
+    labels = maps_to_labels(maps, [1], 0.5, refine=swap, softmax=True, scale=0.5)
     assert seen == [(1, 2, 4, 5)]  # int(9 / 2), int(11 / 2), as AReAM's cam_to_seg
-    plain = maps_to_labels_threshold(maps, [1], 0.5, refine=lambda scores: scores, softmax=True, scale=0.5)
+    plain = maps_to_labels(maps, [1], 0.5, refine=lambda scores: scores, softmax=True, scale=0.5)
     assert torch.equal(labels, 1 - plain)
     assert 0 < int(plain.sum()) < plain.numel()
 
 
 def test_two_thresholds_with_par_follow_cam_to_seg():
+    """A batch of two images (one refiner on the batch, an unused slot full of high scores) against AReAM's
+    cam_to_seg written out image by image."""
     rng = np.random.default_rng(3)
-    image = rng.integers(0, 256, size=(12, 14, 3)).astype(np.uint8)
-    maps = torch.from_numpy(rng.random((2, 12, 14)).astype(np.float32))
-    refiner = make_refiner("par", image)
-    got = two_threshold_labels(maps, [3, 8], refine=refiner)
+    images = rng.integers(0, 256, size=(2, 12, 14, 3)).astype(np.uint8)
+    maps = torch.from_numpy(rng.random((2, 3, 12, 14)).astype(np.float32))
+    maps[1, 1:] = 0.99  # unused slots: never a label
+    classes = T([[8, 3, -1], [5, -1, -1]])
+    batch = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    got = two_threshold_labels(maps, classes, refine=make_refiner("par", batch))
+    # A single image with a numpy refiner gives the same labels as its row of the batch.
+    single = two_threshold_labels(maps[:1], classes[:1], refine=make_refiner("par", images[0]))
+    assert torch.equal(single[0], got[0])
 
-    img = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-    img_half = F.interpolate(img, size=(6, 7), mode="bilinear", align_corners=False)
-
-    def run(tau):
-        cams = torch.cat([torch.full((1, 12, 14), tau), maps])[None]
+    def cam_to_seg(image, class_maps, labels, tau):
+        img = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        img_half = F.interpolate(img, size=(6, 7), mode="bilinear", align_corners=False)
+        cams = torch.cat([torch.full((1, 12, 14), tau), class_maps])[None]
         cams = F.interpolate(cams, size=(6, 7), mode="bilinear", align_corners=False).softmax(1)
         refined = F.interpolate(par(img_half, cams), size=(12, 14), mode="bilinear", align_corners=False)
-        return torch.tensor([0, 3, 8])[refined.argmax(1)[0]]
+        return torch.tensor([0] + labels)[refined.argmax(1)[0]]
 
-    high, low = run(0.55), run(0.35)
-    expected = high.clone()
-    expected[high == 0] = 255
-    expected[(high == 0) & (low == 0)] = 0
-    assert torch.equal(got, expected)
-    assert {0, 3, 8} & set(got.unique().tolist())
+    for i, (used_maps, labels) in enumerate([(maps[0, [1, 0]], [3, 8]), (maps[1, :1], [5])]):
+        high, low = cam_to_seg(images[i], used_maps, labels, 0.55), cam_to_seg(images[i], used_maps, labels, 0.35)
+        expected = high.clone()
+        expected[high == 0] = 255
+        expected[(high == 0) & (low == 0)] = 0
+        assert torch.equal(got[i], expected), i
+    assert {3, 8} <= set(got[0].unique().tolist()) and 5 in set(got[1].unique().tolist())
+    assert 0 in set(got.unique().tolist())
 
 
 # ----------------------------------------------------------------------------- label completion

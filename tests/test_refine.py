@@ -224,6 +224,25 @@ def test_make_refiner_pamr_resizes_image_and_reuses_kernel(small_pair):
     assert make_refiner("none", img_u8) is None
 
 
+def test_make_refiner_on_a_batch_equals_one_refiner_per_image():
+    rng = np.random.default_rng(8)
+    images = rng.integers(0, 256, size=(2, 9, 11, 3)).astype(np.uint8)
+    batch = torch.from_numpy(images).permute(0, 3, 1, 2).float()  # (B, 3, H, W) in 0..255
+    for kind in ("pamr", "par"):
+        for size in ((9, 11), (4, 5)):  # full size and a resized one
+            scores = torch.rand(2, 3, *size)
+            together = make_refiner(kind, batch, iterations=3)(scores)
+            for i in range(2):
+                alone = make_refiner(kind, images[i], iterations=3)(scores[i : i + 1])
+                torch.testing.assert_close(together[i : i + 1], alone, atol=1e-6, rtol=1e-5)
+            swapped = make_refiner(kind, batch.flip(0), iterations=3)(scores)
+            assert (swapped - together).abs().max() > 1e-3  # each image guides its own scores
+    with pytest.raises(ValueError, match="one image"):
+        make_refiner("crf", batch)
+    with pytest.raises(ValueError, match="B, 3, H, W"):
+        make_refiner("par", batch[:, :2])
+
+
 def test_make_refiner_affinity_and_errors():
     scores = torch.rand(1, 2, 4, 4)
     aff = torch.rand(4, 4)

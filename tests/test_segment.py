@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -12,17 +11,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss.cli import predict as predict_cli
+from wsss.cli.main import main
 from wsss.data.io import read_mask, write_mask
 from wsss.data.synth import make_synthetic
 from wsss.data.transforms import RandomCrop, RandomHorizontalFlip, Compose, RandomScale
 from wsss.data.voc import VOCDataset, collate
 from wsss.errors import CheckpointError, ConfigError
-from wsss.models import create_model
-from wsss.segment import (SegmentationModel, SegmentationObjective, cross_entropy, default_levels, load_segmenter,
-                          predict_probs, saliency_bce, saliency_target, split_cross_entropy,
-                          split_cross_entropy_terms)
+from wsss.models import Capture, SegmentationModel, create_model
+from wsss.models.checkpoint import load
+from wsss.models.segmenter import default_levels
+from wsss.segment import (SegmentationObjective, cross_entropy, predict_probs, saliency_bce, saliency_target,
+                          split_cross_entropy, split_cross_entropy_terms)
 from wsss.train import Trainer, load_config
+from wsss.train.objectives import build_objective
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -134,19 +135,54 @@ def _nano(num_classes: int = 3) -> SegmentationModel:
 def test_decoder_output_size_and_every_level_matters():
     model = _nano().eval()
     x = torch.randn(2, 3, 48, 80)
-    out = model(x)
+    out = model(x, capture=Capture())
     assert out.logits.shape == (2, 3, 48, 80) and out.vit.logits.shape == (2, 2)
     # Each level's projection changes the logits; all parameters receive a gradient (needed by DDP).
     for proj in model.proj:
         with torch.no_grad():
             saved = proj.weight.clone()
             proj.weight.zero_()
-            changed = model(x).logits
+            changed = model(x)
             proj.weight.copy_(saved)
         assert not torch.allclose(changed, out.logits)
     model.train()
-    (model(x).logits.sum() + model(x).vit.logits.sum()).backward()
+    (model(x).sum() + model(x, capture=Capture()).vit.logits.sum()).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def _reference_probs(model, images, scales, flip):
+    """Each view (every scale, each with its mirror image) through the model one by one; its logits upsampled to
+    the image size (bilinear), the mirrored ones flipped back, averaged, softmax over the classes."""
+    height, width = images.shape[-2:]
+    views = []
+    for s in scales:
+        size = (int(height * s), int(width * s))
+        assert size[0] == height * s and size[1] == width * s and size[0] % 16 == 0 and size[1] % 16 == 0
+        scaled = images if s == 1.0 else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            views.append(F.interpolate(model(scaled), size=(height, width), mode="bilinear", align_corners=False))
+            if flip:
+                mirrored = model(scaled.flip(-1))
+                views.append(F.interpolate(mirrored, size=(height, width), mode="bilinear",
+                                           align_corners=False).flip(-1))
+    return (sum(views) / len(views)).softmax(dim=1)
+
+
+def test_predict_probs_against_a_view_by_view_reference():
+    model = _nano(num_classes=4).eval()
+    with torch.no_grad():  # a decoder far from its initialisation: clearly different views
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    images = torch.randn(2, 3, 64, 128)  # non-square; 0.75 gives a 48 x 96 view (3 x 6 patches)
+    probs = predict_probs(model, images, scales=(1.0, 0.75), flip=True)
+    ref = _reference_probs(model, images, (1.0, 0.75), True)
+    torch.testing.assert_close(probs, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(2, 64, 128))
+    # Each ingredient matters on this model: the second scale, the flip.
+    assert (probs - _reference_probs(model, images, (1.0,), True)).abs().max() > 1e-3
+    assert (probs - _reference_probs(model, images, (1.0, 0.75), False)).abs().max() > 1e-3
+    torch.testing.assert_close(predict_probs(model, images), _reference_probs(model, images, (1.0,), False),
+                               atol=1e-6, rtol=1e-5)
 
 
 def test_training_on_a_tiny_set_lowers_the_loss():
@@ -162,7 +198,7 @@ def test_training_on_a_tiny_set_lowers_the_loss():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(20):
-        loss = split_cross_entropy(model(images).logits, masks)
+        loss = split_cross_entropy(model(images), masks)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -219,16 +255,17 @@ def trained(synth, tmp_path_factory) -> Path:
 
 
 def test_segmentation_run_saves_a_loadable_model(trained, synth):
-    model, spec = load_segmenter(trained)
-    assert spec["segmenter"]["num_classes"] == 5 and spec["num_classes"] == 0
-    assert spec["mean"] == [0.5, 0.5, 0.5] and spec["classes"][0] == "background"
-    again, _ = load_segmenter(trained / "checkpoints" / "step_0000004" / "model.safetensors")
+    model, spec = load(trained)
+    assert isinstance(model, SegmentationModel)
+    assert spec.segmenter["num_classes"] == 5 and spec.num_classes == 0 and spec.method == "segmentation"
+    assert spec.mean == (0.5, 0.5, 0.5) and spec.classes[0] == "background"
+    again, _ = load(trained / "checkpoints" / "step_0000004" / "model.safetensors")
     x = torch.randn(1, 3, 32, 48)
-    torch.testing.assert_close(model.eval()(x).logits, again.eval()(x).logits, rtol=0, atol=0)
+    torch.testing.assert_close(model.eval()(x), again.eval()(x), rtol=0, atol=0)
     lines = [json.loads(s) for s in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4] and {"seg_bg", "seg_fg"} <= set(lines[0])
     with pytest.raises(CheckpointError):
-        load_segmenter(trained / "missing.safetensors")
+        load(trained / "missing.safetensors")
 
 
 def test_segmentation_run_resumes(synth, tmp_path):
@@ -241,11 +278,7 @@ def test_segmentation_run_resumes(synth, tmp_path):
 
 
 def _predict(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    predict_cli.add_parser(sub)
-    args = parser.parse_args(["predict", *argv])
-    return args.func(args)
+    return main(["predict", *argv])
 
 
 def test_predict_cli_writes_labels_and_resumes(trained, synth, tmp_path):
@@ -253,8 +286,7 @@ def test_predict_cli_writes_labels_and_resumes(trained, synth, tmp_path):
     common = ["--checkpoint", str(trained), "--data", str(synth), "--split", "val", "--out", str(out)]
     assert _predict(*common, "--scales", "1.0", "0.75", "--flip", "--device", "cpu") == 0
     ds = VOCDataset(synth, "val")
-    model, _ = load_segmenter(trained)
-    model.eval()
+    model, _ = load(trained)
     for i, image_id in enumerate(ds.ids):
         image = torch.from_numpy(ds.load_image(i)).permute(2, 0, 1).float() / 255
         probs = predict_probs(model, ((image - 0.5) / 0.5)[None], scales=(1.0, 0.75), flip=True)[0]
@@ -268,27 +300,38 @@ def test_predict_cli_writes_labels_and_resumes(trained, synth, tmp_path):
     assert (out / f"{ds.ids[1]}.png").is_file()
 
 
-def test_predict_with_crf_and_class_mismatch(trained, synth, tmp_path):
+def test_predict_with_crf(trained, synth, tmp_path):
     pytest.importorskip("pydensecrf.densecrf")
     out = tmp_path / "crf"
     common = ["--checkpoint", str(trained), "--split", "val", "--device", "cpu"]
     assert _predict(*common, "--data", str(synth), "--out", str(out), "--crf", "getam") == 0
     labels = [read_mask(p) for p in sorted(out.glob("*.png"))]
     assert len(labels) == 3 and all(lab.max() < 5 for lab in labels)
+
+
+def test_predict_refuses_a_dataset_with_other_classes(trained, synth, tmp_path, capsys):
+    """No CRF needed: the check runs before any image is read."""
     other = tmp_path / "other"
     other.mkdir()
     for name in ("JPEGImages", "ImageSets"):
         (other / name).symlink_to(synth / name)
     (other / "classes.txt").write_text("background\na\nb\n")
-    with pytest.raises(ConfigError):
-        _predict(*common, "--data", str(other), "--out", str(tmp_path / "x"))
+    out = tmp_path / "x"
+    code = _predict("--checkpoint", str(trained), "--split", "val", "--device", "cpu", "--data", str(other),
+                    "--out", str(out))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "classes" in err and "'a'" in err and "background" in err
+    assert not out.exists() or not list(out.glob("*.png"))
 
 
 def test_objective_options_are_checked():
     from wsss.data.classes import ClassSet
 
     classes = ClassSet(("background", "a"))
-    with pytest.raises(ConfigError):
-        SegmentationObjective({"name": "segmentation", "loss": "dice"}, classes=classes)
-    with pytest.raises(ConfigError):
-        SegmentationObjective({"name": "segmentation", "lvls": [1]}, classes=classes)
+    with pytest.raises(ConfigError, match="loss"):
+        build_objective({"name": "segmentation", "loss": "dice"}, classes=classes)
+    with pytest.raises(ConfigError, match="lvls"):
+        build_objective({"name": "segmentation", "lvls": [1]}, classes=classes)
+    assert isinstance(build_objective({"name": "segmentation", "loss": "split_ce"}, classes=classes),
+                      SegmentationObjective)

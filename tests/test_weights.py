@@ -34,7 +34,7 @@ def images(b: int = 2, h: int = 64, w: int = 64) -> torch.Tensor:
 
 def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model.eval()(x).logits
+        return model.eval()(x)
 
 
 def assert_same_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

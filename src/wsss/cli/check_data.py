@@ -12,6 +12,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("check-data", help="check a VOC-layout dataset split; exit 1 on problems")
     p.add_argument("--data", required=True, help="dataset root (VOC layout)")
     p.add_argument("--split", required=True, help="split name (ImageSets/Segmentation/<split>.txt)")
+    p.add_argument("--labels", default=None,
+                   help="image-level labels file training uses (default: ROOT/labels.json or ROOT/labels.csv)")
     p.add_argument("--workers", type=int, default=0, help="worker processes reading images (default: 0)")
     p.add_argument("--max-problems", type=int, default=20, help="problems to list (default: %(default)s)")
     p.set_defaults(func=run)
@@ -19,6 +21,6 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the report; return 1 when problems were found, else 0."""
-    report = check_dataset(args.data, args.split, num_workers=args.workers)
+    report = check_dataset(args.data, args.split, num_workers=args.workers, labels_file=args.labels)
     print(report.format(max_problems=args.max_problems))
     return 0 if report.ok else 1

@@ -3,7 +3,8 @@
 Each image is resized to ``--size`` x ``--size`` (bicubic, as the authors' ``ent_voc_*.py``); for every block the
 CAM summed over the image's classes is refined with that block's head-mean patch attention, turned into a
 distribution over the patches by a softmax, and its Shannon entropy (bits) is averaged over the split. The JSON
-written is what ``method.layer_weights: FILE.json`` of the ``aream`` objective reads.
+written is what ``method.layer_weights: FILE.json`` of the ``aream`` objective reads. The normalisation and the
+class list come from the checkpoint.
 """
 
 from __future__ import annotations
@@ -19,40 +20,49 @@ from tqdm import tqdm
 from ..data.io import write_bytes_atomic
 from ..data.transforms import eval_transforms
 from ..data.voc import VOCDataset
-from ..errors import CheckpointError, DataError
-from ..train.aream import layer_entropies
-from ..train.checkpoint import load_model
+from ..errors import DataError
+from ..methods.aream.objective import layer_entropies
+from ..models import checkpoint
+from . import options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("entropy", help="per-block attention entropies (AReAM's entropy layer weights)")
+    """Register the ``entropy`` subcommand."""
+    p = subparsers.add_parser(
+        "entropy", help="per-block attention entropies (AReAM's entropy layer weights)",
+        description="Average per-block attention entropies of a classifier over a split, written as the JSON "
+        "that the aream objective's method.layer_weights reads.")
     p.add_argument("--checkpoint", required=True, help="a run folder, checkpoint folder or model.safetensors")
     p.add_argument("--data", required=True, help="VOC-layout dataset root")
-    p.add_argument("--split", required=True)
+    p.add_argument("--split", required=True, help="split name: ROOT/ImageSets/Segmentation/<split>.txt")
     p.add_argument("--out", required=True, help="output JSON file")
-    p.add_argument("--size", type=int, default=224, help="square input size (default 224)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None, help="only the first N images")
-    p.add_argument("--mean", type=float, nargs=3, default=[0.5, 0.5, 0.5])
-    p.add_argument("--std", type=float, nargs=3, default=[0.5, 0.5, 0.5])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", type=options.positive_int, default=224, help="square input size")
+    p.add_argument("--batch", type=options.positive_int, default=16, help="images per forward pass")
+    options.add_limit(p)
+    options.add_normalization(p)
+    options.add_device(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.checkpoint).to(args.device).eval()
+    """Average the entropies over the split and write the JSON."""
+    device = options.resolve_device(args.device)
+    source = checkpoint.resolve(args.checkpoint)
+    model, spec = checkpoint.load(source, device)
+    if spec.is_segmenter:
+        model = model.encoder
     dataset = VOCDataset(args.data, args.split)
-    if model.num_classes != dataset.classes.num_fg:
-        raise CheckpointError(f"{args.checkpoint}: the model has {model.num_classes} classes, the dataset "
-                              f"{dataset.classes.num_fg} foreground classes")
-    transform = eval_transforms((args.size, args.size), args.mean, args.std, interpolation="bicubic")
-    count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    options.check_classes(spec, dataset.classes.names, source, args.data)
+    options.check_classifier(model.num_classes, dataset.classes.num_fg, source, args.data)
+    mean, std = options.normalization(args, spec, source)
+    transform = eval_transforms((args.size, args.size), mean, std, interpolation="bicubic")
+    count = len(options.limited(dataset.ids, args.limit))
     total = torch.zeros(model.depth, dtype=torch.float64)
     used = 0
     for start in tqdm(range(0, count, args.batch), desc="entropy", unit="batch"):
         indices = range(start, min(start + args.batch, count))
-        images = torch.stack([transform(dataset.load_image(i))[0] for i in indices]).to(args.device)
-        labels = torch.from_numpy(np.stack([dataset.labels(i) for i in indices])).to(args.device)
+        images = torch.stack([transform(dataset.load_image(i))[0] for i in indices]).to(device)
+        labels = torch.from_numpy(np.stack([dataset.labels(i) for i in indices])).to(device)
         entropy = layer_entropies(model, images, labels).double().cpu()
         valid = ~entropy.isnan().any(dim=1)  # images without a label carry no class map
         total += entropy[valid].sum(dim=0)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..evaluate import evaluate_split, format_table, threshold_grid, write_metrics_json
 from ..errors import ConfigError
+from ..evaluate import evaluate_split, format_table, threshold_grid, write_metrics_json
+from . import options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pred", required=True, type=Path, help="folder of <id>.png or <id>.npz predictions")
     parser.add_argument("--out", type=Path, default=None, help="folder for metrics.json (default: --pred)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--threshold", type=float, default=None, help="background threshold for .npz maps")
+    mode.add_argument("--threshold", type=float, default=None,
+                      help="background threshold for .npz maps (default: none; label PNGs need none)")
     mode.add_argument("--sweep", action="store_true", help="sweep the background threshold, report the best")
     parser.add_argument(
         "--thresholds",
@@ -32,7 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="sweep grid, STOP excluded (default 0 1 0.01, i.e. 0.00..0.99)",
     )
-    parser.add_argument("--workers", type=int, default=0, help="decoding threads (0: decode in the main thread)")
+    parser.add_argument("--workers", type=options.non_negative_int, default=0,
+                        help="decoding threads (0: decode in the main thread)")
+    options.add_limit(parser)
     parser.add_argument(
         "--absent-as-zero",
         action="store_true",
@@ -46,8 +50,6 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate, print the table and write ``OUT/metrics.json``."""
     if args.thresholds is not None and not args.sweep:
         raise ConfigError("--thresholds is only used with --sweep")
-    if args.workers < 0:
-        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
     thresholds = None
     if args.thresholds is not None:
         try:
@@ -63,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         thresholds=thresholds,
         num_workers=args.workers,
         absent_as_zero=args.absent_as_zero,
+        limit=args.limit,
     )
     class_names = metrics["class_names"]
     print(format_table(metrics, class_names))
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         "data": str(args.data),
         "pred": str(args.pred),
         "absent_as_zero": args.absent_as_zero,
+        "limit": args.limit,
     }
     write_metrics_json(out_dir / "metrics.json", metrics, class_names, extra)
     print(f"wrote {out_dir / 'metrics.json'}")

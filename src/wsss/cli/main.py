@@ -1,4 +1,8 @@
-"""The ``wsss`` command: one subcommand per step of the pipeline."""
+"""The ``wsss`` command: one subcommand per step of the pipeline.
+
+The subcommands are listed in :data:`COMMANDS` with their one-line help, so ``wsss --help`` and ``wsss --version``
+import none of them (nor torch); only the chosen command's module is imported, to build its parser and run it.
+"""
 
 from __future__ import annotations
 
@@ -6,39 +10,106 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn, Sequence
 
 from .. import __version__
 from ..errors import WSSSError
 
-# Modules under wsss.cli, in the order of the data flow; each has add_parser(subparsers) and run(args).
-SUBCOMMANDS = ("synth", "prepare", "check_data", "train", "entropy", "cam", "pseudo", "predict", "eval", "demo")
+EX_USAGE = 64  # sysexits.h: the command was used incorrectly
+EX_ERROR = 2  # a WSSSError: bad data, checkpoint or config
+
+# (command, module under wsss.cli, one-line help), in the order of the data flow. Each module has
+# add_parser(subparsers), which registers the command under the same name and help, and run(args).
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("synth", "synth", "generate a synthetic segmentation dataset with exact masks"),
+    ("prepare", "prepare", "build VOC+SBD train_aug or COCO VOC-style masks"),
+    ("check-data", "check_data", "check a VOC-layout dataset split; exit 1 on problems"),
+    ("train", "train", "train a model with one of the methods' objectives"),
+    ("entropy", "entropy", "per-block attention entropies (AReAM's entropy layer weights)"),
+    ("cam", "cam", "write localisation maps (.npz) for a split, and label PNGs"),
+    ("pseudo", "pseudo", "turn saved maps (<id>.npz) into pseudo-label PNGs"),
+    ("predict", "predict", "segment a split with a trained segmentation model and write label PNGs"),
+    ("eval", "eval", "score predictions (label PNGs or .npz maps) against a split's ground truth"),
+    ("methods", "methods", "list the registered methods: maps, options, presets, pseudo-label recipes"),
+    ("upgrade-checkpoint", "upgrade_checkpoint", "rewrite an older checkpoint with its input normalisation"),
+    ("demo", "demo", "synthetic data -> small ViT -> maps with every method -> report"),
+)
+
+EPILOG = f"""\
+exit status:
+  0    success
+  1    check-data found problems in the dataset
+  {EX_ERROR}    an error in the inputs (a missing or inconsistent file, a bad checkpoint or config value);
+       one line "error: ..." on stderr says which
+  {EX_USAGE}   a usage error: unknown command or option, bad option value (the usage is printed)
+  130  interrupted
+
+Run "wsss COMMAND --help" for the options of a command."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wsss", description="Weakly supervised semantic segmentation toolkit")
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default, unless it is a flag, required, or None (whose meaning the help text says), or the
+    help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.nargs == 0 or action.required or action.default is None
+                or action.default is argparse.SUPPRESS or "default" in text):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that shows defaults and exits with :data:`EX_USAGE` on a usage error."""
+
+    def __init__(self, *args, formatter_class: type[argparse.HelpFormatter] = HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+class _MainHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The exit-status table of ``wsss --help`` as written."""
+
+
+def _chosen(argv: Sequence[str]) -> str | None:
+    """The command named on the command line (the first word that is not a top-level option), or None."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The ``wsss`` parser; of the subcommands only the one named in ``argv`` is imported and fully built."""
+    parser = Parser(prog="wsss", description="Weakly supervised semantic segmentation toolkit", epilog=EPILOG,
+                    formatter_class=_MainHelpFormatter)
     parser.add_argument("--version", action="version", version=f"wsss {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"wsss.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"wsss.cli.{name}":
-                raise
-            continue
-        module.add_parser(sub)
+    chosen = _chosen(argv)
+    for name, module, help_text in COMMANDS:
+        if name == chosen:
+            importlib.import_module(f"wsss.cli.{module}").add_parser(sub)
+        else:  # listed in wsss --help without importing its module
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``wsss`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status. As with any argparse
+    program, ``--help`` and ``--version`` leave through ``SystemExit(0)`` and a usage error through
+    ``SystemExit(EX_USAGE)``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        args = build_parser(argv).parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
         return int(args.func(args) or 0)
     except WSSSError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EX_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

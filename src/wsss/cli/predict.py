@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from ..data.voc import VOCDataset
-from ..errors import ConfigError
+from ..errors import CheckpointError
+from ..models import checkpoint
 from ..refine.crf import CRF_PRESETS
-from ..segment.model import load_segmenter
 from ..segment.predict import predict_split
+from . import options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,26 +30,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path, help="dataset root (VOC layout)")
     p.add_argument("--split", required=True, help="split name: ROOT/ImageSets/Segmentation/<split>.txt")
     p.add_argument("--out", required=True, type=Path, help="folder for the <id>.png labels")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="resize factors of the views (default 1)")
-    p.add_argument("--flip", action="store_true", help="add the mirrored view of every scale")
     p.add_argument("--crf", choices=sorted(CRF_PRESETS), default=None,
-                   help="refine the probabilities with a dense CRF preset (getam: GETAM's test setting)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                   help="refine the probabilities with a dense CRF preset (getam: GETAM's test setting; "
+                   "default: none)")
+    options.add_views(p, what="probabilities")
+    options.add_normalization(p)
+    options.add_limit(p)
+    options.add_device(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Predict every image of the split that has no label PNG yet."""
-    if any(s <= 0 for s in args.scales):
-        raise ConfigError(f"--scales must be positive, got {args.scales}")
-    model, spec = load_segmenter(args.checkpoint)
+    device = options.resolve_device(args.device)
+    source = checkpoint.resolve(args.checkpoint)
+    model, spec = checkpoint.load(source, device)
+    if not spec.is_segmenter:
+        raise CheckpointError(f"{source} is a classifier; `wsss predict` needs a segmentation model "
+                              "(localise a classifier with `wsss cam`)")
     dataset = VOCDataset(args.data, args.split, require_labels=False)
-    trained_on = spec.get("classes")
-    if trained_on is not None and list(trained_on) != list(dataset.classes.names):
-        raise ConfigError(f"{args.data}: classes {list(dataset.classes.names)} differ from the checkpoint's "
-                          f"{list(trained_on)}")
-    written, skipped = predict_split(model, dataset, args.out, args.scales, args.flip, args.crf,
-                                     mean=spec.get("mean", [0.5] * 3), std=spec.get("std", [0.5] * 3),
-                                     device=args.device)
+    options.check_classes(spec, dataset.classes.names, source, args.data)
+    mean, std = options.normalization(args, spec, source)
+    written, skipped = predict_split(model, dataset, args.out, args.scales, args.flip, args.crf, mean=mean, std=std,
+                                     device=device, limit=args.limit)
     print(f"wrote {written} label PNGs to {args.out} ({skipped} already there)")
     return 0

@@ -1,9 +1,10 @@
 """``wsss pseudo``: turn saved localisation maps into pseudo-label PNGs that ``wsss eval`` can score.
 
-For every id of the split, ``MAPS/<id>.npz`` (from ``wsss localize``) and the image are read, optionally
-refined, labelled by one rule and written atomically to ``OUT/<id>.png`` (VOC palette). Images whose
-PNG already exists are skipped, so an interrupted run resumes where it stopped. ``--workers N`` runs N
-processes (worth it for the CPU-bound dense CRF).
+For every id of the split, ``MAPS/<id>.npz`` (from ``wsss cam``) and the image are read, optionally
+refined, labelled by one rule and written atomically to ``OUT/<id>.png`` (VOC palette). The rule is either
+given by its flag or taken with its refinement from a method's pseudo-label recipe (``--method``); the other
+flags override single settings. Images whose PNG already exists are skipped, so an interrupted run resumes
+where it stopped. ``--workers N`` runs N processes (worth it for the CPU-bound dense CRF).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm import tqdm
@@ -20,85 +21,114 @@ from tqdm import tqdm
 from ..data.io import write_mask
 from ..data.voc import VOCDataset
 from ..errors import ConfigError, DataError
+from ..methods import REGISTRY, get_method
 from ..pseudo.generate import PseudoSettings, pseudo_label_for
 from ..refine.affinity import NORMALIZATIONS
 from ..refine.crf import CRF_PRESETS
 from ..refine.refiner import REFINEMENTS
+from . import options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register the ``pseudo`` subcommand."""
+    """Register the ``pseudo`` subcommand; ``--method`` lists the methods registered now with a recipe."""
     parser = subparsers.add_parser(
         "pseudo",
         help="turn saved maps (<id>.npz) into pseudo-label PNGs",
         description="Label every image of a split from MAPS/<id>.npz with one rule, optionally after a "
-        "refinement, and write OUT/<id>.png (VOC palette, 255 = ignore). Existing PNGs are kept (resume).",
+        "refinement, and write OUT/<id>.png (VOC palette, 255 = ignore). Existing PNGs are kept (resume). "
+        "Give a rule flag, or --method NAME for that method's recipe (rule, parameters and refinement).",
     )
-    parser.add_argument("--maps", required=True, type=Path, help="folder of <id>.npz maps (wsss localize)")
+    parser.add_argument("--maps", required=True, type=Path, help="folder of <id>.npz maps (wsss cam)")
     parser.add_argument("--data", required=True, type=Path, help="dataset root (VOC layout)")
     parser.add_argument("--split", required=True, help="split name: ROOT/ImageSets/Segmentation/<split>.txt")
     parser.add_argument("--out", required=True, type=Path, help="folder for the <id>.png labels")
-    rule = parser.add_mutually_exclusive_group(required=True)
-    rule.add_argument("--bg-threshold", type=float, metavar="T", help="constant background score T")
+    rule = parser.add_argument_group("rule (exactly one)").add_mutually_exclusive_group(required=True)
+    rule.add_argument("--method", choices=sorted(m.name for m in REGISTRY if m.pseudo is not None),
+                      help="the pseudo-label recipe of a method (`wsss methods` shows them); the flags below "
+                      "override single settings")
+    rule.add_argument("--bg-threshold", type=float, metavar="T", help="rule: constant background score T")
     rule.add_argument(
         "--two-thresholds", type=float, nargs=2, metavar=("HIGH", "LOW"),
-        help="AReAM: labels of the HIGH run, 255 where only the LOW run finds foreground (e.g. 0.55 0.35)",
+        help="rule (AReAM): labels of the HIGH run, 255 where only the LOW run finds foreground (e.g. 0.55 0.35)",
     )
-    rule.add_argument("--psa-alpha", type=float, metavar="A", help="PSA background (1 - max)^A (1 or 12)")
-    rule.add_argument("--completion", action="store_true", help="GETAM activation-aware label completion")
-    parser.add_argument("--refine", choices=REFINEMENTS, default="none", help="refinement before labelling")
-    parser.add_argument("--iterations", type=int, default=10, help="PAMR / PAR iterations (default 10)")
-    parser.add_argument("--crf-preset", choices=sorted(CRF_PRESETS), default="psa", help="dense CRF parameters")
+    rule.add_argument("--psa-alpha", type=float, metavar="A", help="rule: PSA background (1 - max)^A (1 or 12)")
+    rule.add_argument("--completion", action="store_true", help="rule: GETAM activation-aware label completion")
+    parser.add_argument("--refine", choices=REFINEMENTS, default=None,
+                        help="refinement before labelling (default: the recipe's, else none)")
+    parser.add_argument("--iterations", type=options.non_negative_int, default=None,
+                        help="PAMR / PAR iterations (default: the recipe's, else 10)")
+    parser.add_argument("--crf-preset", choices=sorted(CRF_PRESETS), default=None,
+                        help="dense CRF parameters (default: the recipe's, else psa)")
     parser.add_argument(
         "--scale", type=float, default=None,
-        help="resize factor of the score stack for the refinement (default 0.5 with --two-thresholds, else 1)",
+        help="resize factor in (0, 1] of the score stack for the refinement (default: the recipe's, else 0.5 "
+        "with --two-thresholds and 1 otherwise)",
     )
     parser.add_argument(
-        "--softmax", action="store_true",
-        help="softmax over background and classes before refining (always on with --two-thresholds)",
+        "--softmax", action=argparse.BooleanOptionalAction, default=None,
+        help="softmax over background and classes before refining (default: the recipe's, else off; always on "
+        "with the two-thresholds rule)",
     )
-    parser.add_argument("--saliency", type=Path, default=None, help="--completion: folder of <id>.png saliency")
-    parser.add_argument("--cut-threshold", type=float, default=0.9, help="--completion percentile (default 0.9)")
+    parser.add_argument("--saliency", type=Path, default=None,
+                        help="completion rule: folder of <id>.png saliency (default: none)")
+    parser.add_argument("--cut-threshold", type=float, default=None,
+                        help="completion rule: percentile (default: the recipe's, else 0.9)")
     parser.add_argument(
         "--affinity", type=Path, default=None,
-        help="--refine affinity: folder of <id>.npz with 'affinity' (N, N) and 'grid' (h, w)",
+        help="--refine affinity: folder of <id>.npz with 'affinity' (N, N) and 'grid' (h, w) (default: none)",
     )
     parser.add_argument("--affinity-power", type=float, default=1.0, help="power beta of the affinity")
-    parser.add_argument("--affinity-steps", type=int, default=1, help="random-walk steps")
+    parser.add_argument("--affinity-steps", type=options.non_negative_int, default=1, help="random-walk steps")
     parser.add_argument("--affinity-normalize", choices=NORMALIZATIONS, default="row", help="affinity normalisation")
-    parser.add_argument("--workers", type=int, default=0, help="worker processes (0: work in this process)")
+    parser.add_argument("--workers", type=options.non_negative_int, default=0,
+                        help="worker processes (0: work in this process)")
+    options.add_limit(parser)
     parser.set_defaults(func=run)
 
 
+def _rule(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(rule, its parameters, refinement settings)`` of ``--method``'s recipe or of the rule flag."""
+    if args.method is not None:
+        recipe = get_method(args.method).pseudo
+        return recipe.rule, dict(recipe.params), {"refine": recipe.refine, "iterations": recipe.iterations,
+                                                  "crf": recipe.crf, "scale": recipe.scale, "softmax": recipe.softmax}
+    if args.bg_threshold is not None:
+        rule, params = "threshold", {"bg_threshold": args.bg_threshold}
+    elif args.two_thresholds is not None:
+        rule, params = "two_thresholds", dict(zip(("high", "low"), args.two_thresholds))
+    elif args.psa_alpha is not None:
+        rule, params = "psa", {"alpha": args.psa_alpha}
+    else:
+        rule, params = "completion", {"cut_threshold": 0.9}
+    return rule, params, {"refine": "none", "iterations": 10, "crf": "psa",
+                          "scale": 0.5 if rule == "two_thresholds" else 1.0, "softmax": False}
+
+
 def settings_from_args(args: argparse.Namespace, num_classes: int, has_background: bool) -> PseudoSettings:
-    """The :class:`PseudoSettings` the command line asks for."""
-    if args.iterations < 0:
-        raise ConfigError(f"--iterations must be >= 0, got {args.iterations}")
-    if args.saliency is not None and not args.completion:
-        raise ConfigError("--saliency is only used with --completion")
-    if args.affinity is not None and args.refine != "affinity":
+    """The :class:`PseudoSettings` the command line asks for: the rule and its recipe, then the explicit flags."""
+    rule, params, refinement = _rule(args)
+    for key, flag in (("refine", args.refine), ("iterations", args.iterations), ("crf", args.crf_preset),
+                      ("scale", args.scale), ("softmax", args.softmax)):
+        if flag is not None:
+            refinement[key] = flag
+    if rule == "completion":
+        if args.cut_threshold is not None:
+            params["cut_threshold"] = args.cut_threshold
+        params["saliency_dir"] = args.saliency
+    elif args.saliency is not None or args.cut_threshold is not None:
+        raise ConfigError(f"--saliency and --cut-threshold are only used with --completion (the rule here: {rule})")
+    if rule == "two_thresholds" and params["low"] > params["high"]:
+        raise ConfigError(f"--two-thresholds wants HIGH LOW, got {params['high']} {params['low']}")
+    if args.affinity is not None and refinement["refine"] != "affinity":
         raise ConfigError("--affinity is only used with --refine affinity")
-    if args.refine == "affinity" and args.affinity is None:
+    if refinement["refine"] == "affinity" and args.affinity is None:
         raise ConfigError(
             "--refine affinity needs --affinity DIR: attention affinities are not stored in the maps files"
         )
-    if args.bg_threshold is not None:
-        rule, extra = "threshold", {"bg_threshold": args.bg_threshold}
-    elif args.two_thresholds is not None:
-        high, low = args.two_thresholds
-        if low > high:
-            raise ConfigError(f"--two-thresholds wants HIGH LOW, got {high} {low}")
-        rule, extra = "two_thresholds", {"high": high, "low": low}
-    elif args.psa_alpha is not None:
-        rule, extra = "psa", {"alpha": args.psa_alpha}
-    else:
-        rule, extra = "completion", {"cut_threshold": args.cut_threshold, "saliency_dir": args.saliency}
-    scale = args.scale if args.scale is not None else (0.5 if rule == "two_thresholds" else 1.0)
     return PseudoSettings(
-        maps_dir=args.maps, num_classes=num_classes, has_background=has_background, rule=rule,
-        refine=args.refine, iterations=args.iterations, crf=args.crf_preset, affinity_dir=args.affinity,
-        affinity_power=args.affinity_power, affinity_steps=args.affinity_steps,
-        affinity_normalize=args.affinity_normalize, scale=scale, softmax=args.softmax, **extra,
+        maps_dir=args.maps, num_classes=num_classes, has_background=has_background, rule=rule, **params,
+        affinity_dir=args.affinity, affinity_power=args.affinity_power, affinity_steps=args.affinity_steps,
+        affinity_normalize=args.affinity_normalize, **refinement,
     )
 
 
@@ -137,21 +167,19 @@ def _run_pool(settings: PseudoSettings, jobs: Sequence[tuple[str, Path, Path]], 
 
 def run(args: argparse.Namespace) -> int:
     """Write the pseudo labels of every image of the split that has none yet."""
-    if args.workers < 0:
-        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
     if not args.maps.is_dir():
         raise DataError(args.maps, "maps folder not found")
     dataset = VOCDataset(args.data, args.split, require_labels=False)
     settings = settings_from_args(args, dataset.classes.num_classes, dataset.classes.has_background)
     jobs = [
         (image_id, dataset.image_path(image_id), args.out / f"{image_id}.png")
-        for image_id in dataset.ids
+        for image_id in options.limited(dataset.ids, args.limit)
         if not (args.out / f"{image_id}.png").is_file()
     ]
     missing = [image_id for image_id, _, _ in jobs if not settings.maps_path(image_id).is_file()]
     if missing:
         raise DataError(settings.maps_path(missing[0]), f"maps file not found ({len(missing)} of {len(jobs)} missing)")
-    skipped = len(dataset.ids) - len(jobs)
+    skipped = len(options.limited(dataset.ids, args.limit)) - len(jobs)
     if args.workers > 0 and len(jobs) > 1:
         _run_pool(settings, jobs, args.workers)
     else:

@@ -1,4 +1,4 @@
-"""``wsss train --config FILE|PRESET [key=value ...] [--resume]``."""
+"""``wsss train --config FILE|PRESET [key=value ...] [--resume] [--print-config]``."""
 
 from __future__ import annotations
 
@@ -6,24 +6,35 @@ import argparse
 import json
 import os
 
-from ..train import Trainer, load_config
-from ..train.config import preset_names
+from ..train import Trainer
+from ..train.config import dump_config, load_config, preset_names
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train a classifier with one of the methods' objectives")
+    """Register the ``train`` subcommand."""
+    p = subparsers.add_parser(
+        "train", help="train a model with one of the methods' objectives",
+        description="Train with a config: the defaults, then the YAML file or preset, then each key=value override "
+        "in order. Every key is typed and checked before anything is built (--print-config shows them all).")
     p.add_argument("--config", required=True, help=f"a YAML file or a preset name ({', '.join(preset_names())})")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides (YAML values), e.g. optim.lr=1e-4 val.scales=[1,0.5]")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config with every key (YAML that --config reads back) and exit")
     # torchrun passes the local rank in the environment; the older torch.distributed.launch passes this flag.
     p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Validate the config, then train (or only print the config)."""
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
     summary = trainer.fit(resume=args.resume)
     if not trainer.dist.is_main:  # one report per job, not per process

@@ -1,36 +1,36 @@
 """Check a VOC-layout dataset split and gather class statistics, reporting every problem found.
 
-Checked: the class list, the split list (present, non-empty, no duplicate ids), and for each id the image
-(present, decodable), the mask (present, decodable, no label outside the class list, same size as the image,
-at least one foreground class) and, when ``labels.json`` exists, its entry (present, known label indices or
-class names, at least one foreground class; a background label is allowed). ``labels.csv`` is not checked.
-A dataset without ``SegmentationClass/`` but with ``labels.json`` is an image-label-only dataset: its masks
-are not required. Nothing stops at the first problem: the report lists them all.
+Checked, with the readers training uses (:mod:`wsss.data.layout`): the class list; the split list (present,
+non-empty, one id per line, no duplicate ids); for each id the image (present under any supported extension,
+unambiguous, decodable) and the mask (present, decodable, no label outside the class list, same size as the
+image, at least one foreground class); and every image-level labels file present (``labels.json`` /
+``labels.csv`` at the root, or the one named): readable, known class names or label indices, no image listed
+twice, an image file for every entry. The labels file the dataset would use must also label every image of the
+split with at least one foreground class (a background label is allowed). A dataset without
+``SegmentationClass/`` but with a labels file is an image-label-only dataset: its masks are not required.
+Nothing stops at the first problem: the report lists them all.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..errors import DataError
 from .classes import ClassSet
 from .io import IGNORE_INDEX, read_image, read_mask
+from .layout import LABEL_FILE_NAMES, ImageFolder, find_labels_file, read_labels_file, read_split
 from .prepare_voc import parallel_map
-
-_NO_ENTRY = object()  # an id with no entry in labels.json (distinct from an empty entry)
 
 
 @dataclass
 class Report:
     """Outcome of :func:`check_dataset`.
 
-    ``images_per_class[k]``: images whose mask (or, without masks, whose ``labels.json`` entry) holds label
+    ``images_per_class[k]``: images whose mask (or, without masks, whose labels file entry) holds label
     ``k``; ``pixels_per_class[k]``: pixels of label ``k`` over the split; ``label_set_sizes[n]``: images with
     ``n`` foreground classes.
     """
@@ -85,59 +85,32 @@ class Report:
 
 @dataclass(frozen=True)
 class _Job:
-    image: Path
+    image: Path | None  # None when no image file was found (already reported)
     mask: Path | None
-    labels_entry: Any  # the labels.json entry, or _NO_ENTRY / None when there is no labels.json
-    labels_path: Path | None
     num_classes: int | None
-    fg_labels: tuple[int, ...] | None  # None when the class list is unreadable: labels are not validated
-    class_names: tuple[str, ...]
+    fg_labels: tuple[int, ...] | None  # None when the class list is unreadable
 
 
 @dataclass
 class _Result:
     problems: list[tuple[str, str]]
     counts: np.ndarray | None = None  # (256,) pixel counts of the mask
-    labels: tuple[int, ...] | None = None  # foreground labels of the image
+    labels: tuple[int, ...] | None = None  # foreground labels of the mask
 
 
 def _problem(exc: DataError) -> tuple[str, str]:
     return str(exc.path), exc.problem
 
 
-def _check_entry(job: _Job, image_id: str) -> tuple[list[tuple[str, str]], tuple[int, ...] | None]:
-    """Validate the ``labels.json`` entry of one image."""
-    where = f"{job.labels_path} [{image_id}]"
-    entry = job.labels_entry
-    if entry is _NO_ENTRY:
-        return [(where, "no entry for this image")], None
-    if not isinstance(entry, list) or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in entry):
-        return [(where, f"entry must be a list of label indices or class names, got {entry!r}")], None
-    names = {n.lower(): k for k, n in enumerate(job.class_names)}
-    unknown_names = sorted(v for v in entry if isinstance(v, str) and v.lower() not in names)
-    if unknown_names:
-        return [(where, f"unknown class names {unknown_names}")], None
-    entry = [names[v.lower()] if isinstance(v, str) else v for v in entry]
-    known = range(job.num_classes) if job.num_classes is not None else range(IGNORE_INDEX)
-    unknown = sorted(v for v in set(entry) if v not in known)
-    if unknown:
-        return [(where, f"labels {unknown} are outside the class list")], None
-    # A background label is allowed (and ignored), as the dataset reader does.
-    fg = sorted(set(entry) & set(job.fg_labels)) if job.fg_labels is not None else sorted(set(entry) - {0})
-    if not fg:
-        return [(where, "empty label set")], ()
-    return [], tuple(fg)
-
-
 def _check_one(job: _Job) -> _Result:
-    """Check one image, its mask and its labels entry, collecting every problem."""
-    image_id = job.image.stem
+    """Check one image and its mask, collecting every problem."""
     result = _Result(problems=[])
     image = mask = None
-    try:
-        image = read_image(job.image)
-    except DataError as exc:
-        result.problems.append(_problem(exc))
+    if job.image is not None:
+        try:
+            image = read_image(job.image)
+        except DataError as exc:
+            result.problems.append(_problem(exc))
     if job.mask is not None:
         try:
             mask = read_mask(job.mask, job.num_classes)
@@ -152,30 +125,29 @@ def _check_one(job: _Job) -> _Result:
         result.labels = tuple(k for k in fg if result.counts[k])
         if not result.labels:
             result.problems.append((str(job.mask), "no foreground class in the mask (empty label set)"))
-    if job.labels_entry is not None:
-        entry_problems, entry_labels = _check_entry(job, image_id)
-        result.problems += entry_problems
-        if job.mask is None:
-            result.labels = entry_labels
     return result
 
 
-def _read_labels_json(path: Path, report: Report) -> dict[str, Any] | None:
-    try:
-        labels = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        report.problems.append((str(path), f"cannot read labels file ({exc})"))
-        return None
-    if not isinstance(labels, dict):
-        report.problems.append((str(path), "labels file must map image ids to label lists"))
-        return None
-    return labels
+def _check_labels_file(
+    path: Path, classes: ClassSet, images: ImageFolder, report: Report
+) -> tuple[dict[str, tuple[int, ...]], set[str | None]]:
+    """Report the problems of one labels file; return its readable entries and the keys that had problems."""
+    found: list[tuple[str | None, str]] = []
+    table = read_labels_file(path, classes, found)
+    report.problems += [(str(path), message) for _, message in found]
+    for image_id in table:
+        try:  # an entry without an image: a typo, or an image that was never copied
+            images.find(image_id)
+        except DataError as exc:
+            report.problems.append((str(path), f"{exc.problem} in {exc.path}"))
+    return table, {image_id for image_id, _ in found}
 
 
-def check_dataset(root: str | Path, split: str, num_workers: int = 0) -> Report:
+def check_dataset(root: str | Path, split: str, num_workers: int = 0, labels_file: str | Path | None = None) -> Report:
     """Check the split ``split`` of the VOC-layout dataset at ``root``; return a :class:`Report`.
 
-    ``num_workers`` > 0 reads the images in that many processes.
+    ``labels_file`` names the image-level labels file training uses (default: ``ROOT/labels.json`` or
+    ``ROOT/labels.csv``). ``num_workers`` > 0 reads the images in that many processes.
     """
     root = Path(root)
     report = Report(root=root, split=split)
@@ -188,40 +160,60 @@ def check_dataset(root: str | Path, split: str, num_workers: int = 0) -> Report:
         report.class_names = classes.names
     except DataError as exc:
         report.problems.append((str(root / "classes.txt"), exc.problem))
-
-    split_path = root / "ImageSets" / "Segmentation" / f"{split}.txt"
-    if not split_path.is_file():
-        report.problems.append((str(split_path), "split list not found"))
-        return report
-    ids = [line.strip() for line in split_path.read_text().splitlines() if line.strip()]
-    if not ids:
-        report.problems.append((str(split_path), "split list is empty"))
-    for image_id, n in sorted(Counter(ids).items()):
-        if n > 1:
-            report.problems.append((str(split_path), f"id {image_id} listed {n} times"))
-    ids = list(dict.fromkeys(ids))
-    report.num_images = len(ids)
-
-    labels_path = root / "labels.json"
-    labels = _read_labels_json(labels_path, report) if labels_path.is_file() else None
-    # Without SegmentationClass/, labels.json alone is the supervision (an image-label-only dataset).
-    report.has_masks = (root / "SegmentationClass").is_dir()
-    if not report.has_masks and not labels_path.is_file():
-        report.problems.append((str(root / "SegmentationClass"), "mask folder not found (and no labels.json)"))
-
-    fg = tuple(int(k) for k in classes.fg_labels) if classes else None
-    jobs = [
-        _Job(image=root / "JPEGImages" / f"{i}.jpg",
-             mask=root / "SegmentationClass" / f"{i}.png" if report.has_masks else None,
-             labels_entry=None if labels is None else labels.get(i, _NO_ENTRY),
-             labels_path=labels_path if labels is not None else None,
-             num_classes=classes.num_classes if classes else None, fg_labels=fg,
-             class_names=classes.names if classes else ())
-        for i in ids
-    ]
     num_classes = classes.num_classes if classes else 0
     report.images_per_class = np.zeros(num_classes, dtype=np.int64)
     report.pixels_per_class = np.zeros(num_classes, dtype=np.int64)
+
+    split_path = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    split_problems: list[str] = []
+    ids = read_split(split_path, split_problems)
+    report.problems += [(str(split_path), problem) for problem in split_problems]
+    report.num_images = len(ids)
+    if not ids:
+        return report
+
+    # Without SegmentationClass/, a labels file alone is the supervision (an image-label-only dataset).
+    report.has_masks = (root / "SegmentationClass").is_dir()
+    images = ImageFolder(root / "JPEGImages")
+    used = Path(labels_file) if labels_file is not None else None  # the labels file training would read
+    if used is None:
+        try:
+            used = find_labels_file(root)
+        except DataError as exc:
+            if not report.has_masks:  # only then does the dataset read one, and it could not choose
+                report.problems.append(_problem(exc))
+        else:
+            if used is None and not report.has_masks:
+                report.problems.append((str(root / "SegmentationClass"),
+                                        "mask folder not found (and no labels.json or labels.csv)"))
+    present = [root / name for name in LABEL_FILE_NAMES if (root / name).is_file()]
+    to_check = ([used] if used is not None else []) + [
+        p for p in present if used is None or p.resolve() != used.resolve()]
+    entries: dict[str, tuple[int, ...]] | None = None
+    if classes is not None:  # without a class list no label can be checked
+        for path in to_check:
+            table, bad_keys = _check_labels_file(path, classes, images, report)
+            if path is not used or None in bad_keys:  # an unreadable file would flag every image again
+                continue
+            entries = table
+            for image_id in ids:
+                if image_id in bad_keys:
+                    continue  # its row is already reported
+                if image_id not in table:
+                    report.problems.append((str(path), f"no entry for image {image_id!r} of split {split!r}"))
+                elif not table[image_id]:
+                    report.problems.append((str(path), f"image {image_id!r}: empty label set"))
+
+    jobs = []
+    fg = tuple(int(k) for k in classes.fg_labels) if classes else None
+    for image_id in ids:
+        try:
+            image: Path | None = images.find(image_id)
+        except DataError as exc:
+            report.problems.append(_problem(exc))
+            image = None  # its mask is still checked and counted
+        mask = root / "SegmentationClass" / f"{image_id}.png" if report.has_masks else None
+        jobs.append(_Job(image=image, mask=mask, num_classes=classes.num_classes if classes else None, fg_labels=fg))
     sizes: Counter[int] = Counter()
     for result in parallel_map(_check_one, jobs, num_workers, f"check {split}"):
         report.problems += result.problems
@@ -229,10 +221,13 @@ def check_dataset(root: str | Path, split: str, num_workers: int = 0) -> Report:
             report.pixels_per_class += result.counts[:num_classes]
             report.ignore_pixels += int(result.counts[IGNORE_INDEX])
             report.images_per_class += result.counts[:num_classes] > 0
-        elif result.labels is not None and classes is not None:
-            report.images_per_class[list(result.labels)] += 1
         if result.labels is not None:
             sizes[len(result.labels)] += 1
+    if not report.has_masks and entries is not None:
+        for image_id in ids:  # image-label-only: the statistics come from the labels file
+            if image_id in entries:
+                report.images_per_class[list(entries[image_id])] += 1
+                sizes[len(entries[image_id])] += 1
     report.label_set_sizes = dict(sorted(sizes.items()))
     report.problems.sort()
     return report

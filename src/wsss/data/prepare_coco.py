@@ -39,7 +39,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import DataError
+from .classes import ClassSet
 from .io import IGNORE_INDEX, write_bytes_atomic, write_mask
+from .layout import read_labels_file
 from .prepare_voc import check_counts, parallel_map, raise_problems, write_id_list, write_labels_json
 
 log = logging.getLogger(__name__)
@@ -151,14 +153,14 @@ def _load_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _merge_labels(path: Path, labels: dict[str, list[int]]) -> dict[str, list[int]]:
+def _merge_labels(path: Path, labels: dict[str, list[int]], classes: ClassSet) -> dict[str, list[int]]:
     """Entries of an existing labels file for other splits, plus the non-empty new ones."""
     kept: dict[str, list[int]] = {}
     if path.is_file():
         try:
-            kept = {k: v for k, v in json.loads(path.read_text()).items() if k not in labels}
-        except (OSError, ValueError, AttributeError) as exc:
-            raise DataError(path, f"cannot read the existing labels file ({exc}); remove it") from exc
+            kept = {k: list(v) for k, v in read_labels_file(path, classes).items() if k not in labels}
+        except DataError as exc:
+            raise DataError(path, f"the existing labels file is unusable ({exc.problem}); remove it") from exc
     kept.update({i: lab for i, lab in labels.items() if lab})
     return kept
 
@@ -264,7 +266,7 @@ def prepare_coco(
     write_bytes_atomic(out / "classes.txt", "".join(f"{n}\n" for n in names).encode())
     write_bytes_atomic(out / "category_map.json",
                        json.dumps({str(k): v for k, v in classes.items()}, indent=1).encode())
-    write_labels_json(out / "labels.json", _merge_labels(out / "labels.json", labels))
+    write_labels_json(out / "labels.json", _merge_labels(out / "labels.json", labels, ClassSet(tuple(names))))
     return CocoSummary(out=out, split_sizes=sizes,
                        labelled_sizes={s: len(ids) - len(unlabelled[s]) for s, ids in split_ids.items()},
                        num_written=len(jobs), num_skipped=sum(sizes.values()) - len(jobs), unlabelled=unlabelled)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ..errors import DataError
 from .io import IGNORE_INDEX, check_labels, read_mask, write_bytes_atomic, write_mask
+from .layout import ImageFolder, read_split
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,14 +75,6 @@ def find_sbd_root(root: str | Path) -> Path:
         if (cand / "cls").is_dir():
             return cand
     raise DataError(root, "not an SBD folder (expected cls/ in it, in dataset/ or in benchmark_RELEASE/dataset/)")
-
-
-def read_id_list(path: str | Path) -> list[str]:
-    """Read a split list: one id per line, blank lines ignored."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "split list not found")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_id_list(path: str | Path, ids: list[str]) -> None:
@@ -159,9 +152,16 @@ def _make_mask(job: _MaskJob) -> tuple[str, list[int] | None, bool, str | None]:
 
 
 def _link_or_copy_images(voc: Path, out: Path, ids: list[str], copy: bool) -> list[str]:
-    """Give ``out`` a ``JPEGImages`` folder; return the ids whose image is missing."""
+    """Give ``out`` a ``JPEGImages`` folder; return a problem for each id whose image is missing or ambiguous."""
     src = voc / "JPEGImages"
-    missing = [i for i in ids if not (src / f"{i}.jpg").is_file()]
+    images = ImageFolder(src)
+    found: dict[str, Path] = {}
+    problems = []
+    for i in ids:
+        try:
+            found[i] = images.find(i)
+        except DataError as exc:
+            problems.append(f"{i}: {exc}")
     dst = out / "JPEGImages"
     if not copy:
         if dst.is_symlink() or dst.exists():
@@ -169,14 +169,14 @@ def _link_or_copy_images(voc: Path, out: Path, ids: list[str], copy: bool) -> li
                 raise DataError(dst, f"exists and is not a link to {src}; remove it or use --copy-images")
         else:
             dst.symlink_to(src.resolve(), target_is_directory=True)
-        return missing
+        return problems
     if dst.is_symlink():
         raise DataError(dst, "is a symlink; remove it to copy the images instead")
     dst.mkdir(parents=True, exist_ok=True)
-    for i in tqdm(ids, desc="copy images", unit="img"):
-        if (src / f"{i}.jpg").is_file() and not (dst / f"{i}.jpg").is_file():
-            shutil.copyfile(src / f"{i}.jpg", dst / f"{i}.jpg")
-    return missing
+    for path in tqdm(found.values(), desc="copy images", unit="img"):
+        if not (dst / path.name).is_file():
+            shutil.copyfile(path, dst / path.name)
+    return problems
 
 
 def raise_problems(where: Path, problems: list[str], task: str, shown: int = 20) -> None:
@@ -219,8 +219,8 @@ def prepare_voc(
     if out.resolve() == voc.resolve():
         raise DataError(out, "the output folder must differ from the VOC folder")
     seg_lists = voc / "ImageSets" / "Segmentation"
-    voc_train, voc_val = read_id_list(seg_lists / "train.txt"), read_id_list(seg_lists / "val.txt")
-    sbd_train, sbd_val = read_id_list(sbd / "train.txt"), read_id_list(sbd / "val.txt")
+    voc_train, voc_val = read_split(seg_lists / "train.txt"), read_split(seg_lists / "val.txt")
+    sbd_train, sbd_val = read_split(sbd / "train.txt"), read_split(sbd / "val.txt")
     splits = {"train_aug": train_aug_ids(sbd_train, sbd_val, voc_train, voc_val), "train": voc_train,
               "val": voc_val}
     sizes = {name: len(ids) for name, ids in splits.items()}
@@ -240,8 +240,7 @@ def prepare_voc(
     from_sbd = sum(job.source.suffix == ".mat" for job in jobs)
 
     out.mkdir(parents=True, exist_ok=True)
-    missing_images = _link_or_copy_images(voc, out, all_ids, copy_images)
-    problems += [f"{i}: image {voc / 'JPEGImages' / f'{i}.jpg'} not found" for i in missing_images]
+    problems += _link_or_copy_images(voc, out, all_ids, copy_images)
 
     labels: dict[str, list[int]] = {}
     written = 0

@@ -540,7 +540,7 @@ def build_transforms(cfg: dict[str, Any]) -> Compose:
                 )
             else:
                 raise ConfigError(f"crop_mode must be 'random', 'center' or 'resized', got {mode!r}")
-        elif "scale" in cfg or "ratio" in cfg:
+        elif cfg.get("scale") is not None or cfg.get("ratio") is not None:
             raise ConfigError("'scale'/'ratio' set the random resized crop and need 'crop'")
         if mean is not None:
             steps.append(Normalize(mean, std))

@@ -2,7 +2,7 @@
 
 Layout::
 
-    ROOT/JPEGImages/<id>.jpg (or .jpeg / .png)
+    ROOT/JPEGImages/<id>.jpg (or any extension of layout.IMAGE_EXTENSIONS, any letter case)
     ROOT/SegmentationClass/<id>.png       palette PNG, pixel = class index, 255 = ignore (optional)
     ROOT/ImageSets/Segmentation/<split>.txt
     ROOT/classes.txt
@@ -16,9 +16,6 @@ serve as ground truth).
 
 from __future__ import annotations
 
-import csv
-import json
-import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,10 +26,9 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import ConfigError, DataError
 from .classes import ClassSet
 from .io import IGNORE_INDEX, read_image, read_mask
+from .layout import LABEL_FILE_NAMES, ImageFolder, find_labels_file, read_labels_file, read_split
 from .transforms import mask_to_tensor, to_tensor
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
-LABEL_FILE_NAMES = ("labels.json", "labels.csv")
 SALIENCY_BIT = 256  # saliency travels through the transforms packed above the mask's 0..255 labels
 
 Transform = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
@@ -58,84 +54,6 @@ def labels_from_mask(
         present = fg_counts > 0
     return present.astype(np.float32)
 
-
-def _read_split(path: Path) -> list[str]:
-    """Ids listed in a split file; a line may also be a path (``/JPEGImages/x.jpg /Seg.../x.png``)."""
-    if not path.is_file():
-        raise DataError(path, "split list not found")
-    ids = []
-    for line in path.read_text().splitlines():
-        token = line.split()[0] if line.strip() else ""
-        if not token:
-            continue
-        if "/" in token or token.endswith(IMAGE_EXTENSIONS):
-            token = Path(token).stem
-        ids.append(token)
-    if not ids:
-        raise DataError(path, f"split {path.stem!r} is empty")
-    return ids
-
-
-def _parse_label_token(token: Any, classes: ClassSet, path: Path, image_id: str) -> int:
-    """A label given as an index or a class name -> dataset label index."""
-    try:
-        return classes.parse_label(token)
-    except ValueError as exc:
-        raise DataError(path, f"image {image_id!r}: {exc}") from exc
-
-
-def read_labels_file(
-    path: str | Path, classes: ClassSet, ids: list[str] | None = None
-) -> dict[str, np.ndarray]:
-    """Read image-level labels: ``.json`` ``{id: [labels]}`` or ``.csv`` rows ``id,label label ...``.
-
-    Labels are dataset label indices or class names. A background label is allowed and ignored; an image
-    left with no foreground label is an error. With ``ids`` given, only those images are checked and
-    returned, and each must be listed. Returns ``{id: multi-hot float32 (num_fg,)}``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "labels file not found")
-    raw: dict[str, list[Any]] = {}
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict):
-                raise DataError(path, "labels JSON must be an object {id: [labels]}")
-            for image_id, labels in data.items():
-                if not isinstance(labels, list):
-                    labels = [labels]
-                raw[str(image_id)] = labels
-        elif path.suffix.lower() == ".csv":
-            with path.open(newline="") as handle:
-                for row_number, row in enumerate(csv.reader(handle)):
-                    if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
-                        continue
-                    if row_number == 0 and row[0].strip().lower() in ("id", "image", "image_id", "name"):
-                        continue  # header
-                    tokens = [t for field in row[1:] for t in re.split(r"[\s;|]+", field) if t]
-                    raw[row[0].strip()] = tokens
-        else:
-            raise DataError(path, "labels file must be .json or .csv")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
-        raise DataError(path, f"cannot read labels file ({exc})") from exc
-
-    if ids is not None:
-        missing = [image_id for image_id in ids if image_id not in raw]
-        if missing:
-            raise DataError(path, f"no labels for {len(missing)} image(s), e.g. {missing[0]!r}")
-        raw = {image_id: raw[image_id] for image_id in ids}
-    result = {}
-    for image_id, labels in raw.items():
-        multi_hot = np.zeros(classes.num_fg, dtype=np.float32)
-        for token in labels:
-            index = _parse_label_token(token, classes, path, image_id)
-            if index in classes.fg_labels:
-                multi_hot[classes.label_to_output(index)] = 1.0
-        if not multi_hot.any():
-            raise DataError(path, f"image {image_id!r} has an empty label set")
-        result[image_id] = multi_hot
-    return result
 
 
 class VOCDataset(torch.utils.data.Dataset):
@@ -182,8 +100,9 @@ class VOCDataset(torch.utils.data.Dataset):
         if not self.root.is_dir():
             raise DataError(self.root, "dataset folder not found")
         self.classes = ClassSet.from_file(self.root / "classes.txt")
-        self.ids: list[str] = _read_split(self.root / "ImageSets" / "Segmentation" / f"{split}.txt")
-        self._image_paths = [self._find_image(image_id) for image_id in self.ids]
+        self.ids: list[str] = read_split(self.root / "ImageSets" / "Segmentation" / f"{split}.txt")
+        self._images = ImageFolder(self.root / "JPEGImages")
+        self._image_paths = [self._images.find(image_id) for image_id in self.ids]
         self._path_of = dict(zip(self.ids, self._image_paths))
         self.has_masks = self._check_masks(require_masks)
         self._file_labels = self._load_file_labels(labels_file, require_labels)
@@ -191,14 +110,6 @@ class VOCDataset(torch.utils.data.Dataset):
         self._mask_labels: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------------------------------- setup
-
-    def _find_image(self, image_id: str) -> Path:
-        folder = self.root / "JPEGImages"
-        for ext in IMAGE_EXTENSIONS:
-            path = folder / f"{image_id}{ext}"
-            if path.is_file():
-                return path
-        raise DataError(folder / f"{image_id}.jpg", f"image of {self.split!r} id {image_id!r} not found")
 
     def _check_masks(self, require_masks: bool) -> bool:
         present = [self.mask_path(image_id).is_file() for image_id in self.ids]
@@ -214,17 +125,29 @@ class VOCDataset(torch.utils.data.Dataset):
         """Labels from an explicit file, else (only without masks) from ROOT/labels.json or labels.csv."""
         if labels_file is None and self.has_masks:
             return None
-        if labels_file is None:
-            candidates = [self.root / name for name in LABEL_FILE_NAMES if (self.root / name).is_file()]
-            if not candidates:
-                if require_labels:
-                    raise DataError(
-                        self.root / LABEL_FILE_NAMES[0],
-                        "dataset has no masks and no image-level labels file (labels.json or labels.csv)",
-                    )
-                return None
-            labels_file = candidates[0]
-        return read_labels_file(Path(labels_file), self.classes, self.ids)
+        path = Path(labels_file) if labels_file is not None else find_labels_file(self.root)
+        if path is None:
+            if require_labels:
+                raise DataError(
+                    self.root / LABEL_FILE_NAMES[0],
+                    "dataset has no masks and no image-level labels file (labels.json or labels.csv)",
+                )
+            return None
+        table = read_labels_file(path, self.classes)
+        # Only this split's images must be labelled: one labels file usually serves every split.
+        missing = [image_id for image_id in self.ids if image_id not in table]
+        if missing:
+            raise DataError(path, f"no labels for {len(missing)} image(s) of split {self.split!r}, e.g. {missing[0]!r}")
+        empty = [image_id for image_id in self.ids if not table[image_id]]
+        if empty:
+            more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+            raise DataError(path, f"image {empty[0]!r} has an empty label set{more}")
+        result = {}
+        for image_id in self.ids:
+            multi_hot = np.zeros(self.classes.num_fg, dtype=np.float32)
+            multi_hot[[self.classes.label_to_output(k) for k in table[image_id]]] = 1.0
+            result[image_id] = multi_hot
+        return result
 
     # ------------------------------------------------------------------------------------------- access
 
@@ -232,10 +155,10 @@ class VOCDataset(torch.utils.data.Dataset):
         return len(self.ids)
 
     def image_path(self, image_id: str) -> Path:
-        """Path of an image (``.jpg`` first, then ``.jpeg`` / ``.png``)."""
+        """Path of the image of ``image_id`` (whatever its extension; see :class:`~wsss.data.layout.ImageFolder`)."""
         if image_id in self._path_of:
             return self._path_of[image_id]
-        return self._find_image(image_id)
+        return self._images.find(image_id)
 
     def mask_path(self, image_id: str) -> Path:
         """Path of a mask (it may not exist when the dataset has none)."""

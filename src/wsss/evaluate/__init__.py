@@ -6,7 +6,7 @@
 from .confusion import ConfusionMatrix, iou_from_matrix, metrics_from_matrix, miou_from_matrix, pixel_counts
 from .report import format_table, metrics_to_json_dict, write_metrics_json
 from .split import evaluate_split, read_split_ids
-from .threshold import DEFAULT_THRESHOLDS, ThresholdSweep, maps_to_labels, threshold_grid
+from .threshold import DEFAULT_THRESHOLDS, ThresholdSweep, threshold_grid
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -15,7 +15,6 @@ __all__ = [
     "evaluate_split",
     "format_table",
     "iou_from_matrix",
-    "maps_to_labels",
     "metrics_from_matrix",
     "metrics_to_json_dict",
     "miou_from_matrix",

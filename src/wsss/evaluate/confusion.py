@@ -1,7 +1,10 @@
 """A streaming confusion matrix and the segmentation metrics derived from it.
 
 Rows are ground-truth classes, columns predicted classes; counts are int64. Pixels whose ground truth
-equals ``ignore_index`` are skipped.
+equals ``ignore_index`` are skipped. A prediction of ``ignore_index`` means "no label" (pseudo labels leave the
+pixels they are unsure of unlabelled): such pixels are left out of the matrix and counted apart, so that
+:meth:`ConfusionMatrix.compute` reports the mIoU over the labelled pixels and the ``coverage``, the fraction of the
+ground truth's labelled pixels the prediction labels. Any other value outside ``0..C-1`` is an error.
 
 Classes absent from both the ground truth and the prediction have an undefined IoU. By default
 (the mmsegmentation convention) it is NaN and left out of the mean. The PSA/ACR/AReAM evaluation
@@ -91,6 +94,7 @@ def _uint8_counts(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_ind
     """
     joint = np.bincount((gt.astype(np.uint16) << 8) | pred, minlength=256 * 256).reshape(256, 256)
     joint[ignore_index] = 0
+    joint[:, ignore_index] = 0  # "no label" predictions (counted by unlabelled_count)
     if joint[num_classes:].any():
         bad = np.flatnonzero(joint[num_classes:].sum(1)) + num_classes
         raise ValueError(f"ground truth holds values {bad.tolist()} outside 0..{num_classes - 1} (and ignore)")
@@ -111,8 +115,9 @@ def pixel_counts(
     """The ``(C, C)`` int64 confusion counts of one prediction against its ground truth.
 
     Both arrays may have any (equal) shape and be numpy arrays or torch tensors (on any device; only
-    the ``C*C`` counts come back to the host). A prediction or ground-truth value outside
-    ``0..num_classes-1`` at a pixel whose ground truth is not ``ignore_index`` raises ``ValueError``.
+    the ``C*C`` counts come back to the host). Pixels predicted ``ignore_index`` ("no label") are left out. A
+    prediction or ground-truth value outside ``0..num_classes-1`` (other than ``ignore_index``) at a pixel whose
+    ground truth is not ``ignore_index`` raises ``ValueError``.
     """
     if tuple(pred.shape) != tuple(gt.shape):
         raise ValueError(f"prediction shape {tuple(pred.shape)} differs from ground truth {tuple(gt.shape)}")
@@ -120,7 +125,7 @@ def pixel_counts(
         device = pred.device if isinstance(pred, torch.Tensor) else gt.device
         pred_t = torch.as_tensor(pred, device=device).reshape(-1)
         gt_t = torch.as_tensor(gt, device=device).reshape(-1)
-        keep = gt_t != ignore_index
+        keep = (gt_t != ignore_index) & (pred_t != ignore_index)
         g, p = gt_t[keep].long(), pred_t[keep].long()
         check_label_range(g, num_classes, "ground truth")
         check_label_range(p, num_classes, "prediction")
@@ -129,12 +134,21 @@ def pixel_counts(
     pred_a, gt_a = np.asarray(pred).reshape(-1), np.asarray(gt).reshape(-1)
     if pred_a.dtype == np.uint8 and gt_a.dtype == np.uint8 and 0 <= ignore_index <= 255:
         return _uint8_counts(pred_a, gt_a, num_classes, ignore_index)
-    keep = gt_a != ignore_index
+    keep = (gt_a != ignore_index) & (pred_a != ignore_index)
     g, p = gt_a[keep].astype(np.int64), pred_a[keep].astype(np.int64)
     check_label_range(g, num_classes, "ground truth")
     check_label_range(p, num_classes, "prediction")
     counts = np.bincount(g * num_classes + p, minlength=num_classes * num_classes)
     return counts.astype(np.int64).reshape(num_classes, num_classes)
+
+
+def unlabelled_count(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor,
+                     ignore_index: int = IGNORE_INDEX) -> int:
+    """How many pixels with a ground-truth label the prediction leaves unlabelled (``ignore_index``)."""
+    if isinstance(pred, torch.Tensor) or isinstance(gt, torch.Tensor):
+        pred, gt = torch.as_tensor(pred), torch.as_tensor(gt, device=torch.as_tensor(pred).device)
+        return int(((gt != ignore_index) & (pred == ignore_index)).sum())
+    return int(np.count_nonzero((np.asarray(gt) != ignore_index) & (np.asarray(pred) == ignore_index)))
 
 
 def all_reduce_sum(array: np.ndarray) -> np.ndarray:
@@ -165,11 +179,13 @@ class ConfusionMatrix:
         self.ignore_index = ignore_index
         self.class_names = None if class_names is None else tuple(class_names)
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.unlabelled = 0  # ground-truth pixels the predictions left without a label
         self.num_images = 0
 
     def update(self, pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> None:
         """Add one prediction / ground-truth pair (any equal shapes; see :func:`pixel_counts`)."""
         self.matrix += pixel_counts(pred, gt, self.num_classes, self.ignore_index)
+        self.unlabelled += unlabelled_count(pred, gt, self.ignore_index)
         self.num_images += 1
 
     def _check_compatible(self, other: "ConfusionMatrix") -> None:
@@ -182,6 +198,7 @@ class ConfusionMatrix:
         """Add another matrix's counts into this one (in place) and return ``self``."""
         self._check_compatible(other)
         self.matrix += other.matrix
+        self.unlabelled += other.unlabelled
         self.num_images += other.num_images
         return self
 
@@ -192,19 +209,23 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> "ConfusionMatrix":
         """Sum the counts over all torch.distributed processes; a no-op when not initialised."""
-        packed = np.concatenate([self.matrix.reshape(-1), [self.num_images]])
+        packed = np.concatenate([self.matrix.reshape(-1), [self.unlabelled, self.num_images]])
         packed = all_reduce_sum(packed)
-        self.matrix = packed[:-1].reshape(self.num_classes, self.num_classes).astype(np.int64)
-        self.num_images = int(packed[-1])
+        self.matrix = packed[:-2].reshape(self.num_classes, self.num_classes).astype(np.int64)
+        self.unlabelled, self.num_images = int(packed[-2]), int(packed[-1])
         return self
 
     def reset(self) -> None:
         """Forget every count."""
         self.matrix[:] = 0
+        self.unlabelled = 0
         self.num_images = 0
 
     def compute(self, absent_as_zero: bool = False) -> dict[str, Any]:
-        """The metrics of :func:`metrics_from_matrix` plus ``num_images``."""
+        """The metrics of :func:`metrics_from_matrix` (over the labelled pixels), ``coverage`` (the fraction of the
+        ground truth's labelled pixels that the predictions label; 1 for full label maps) and ``num_images``."""
         metrics = metrics_from_matrix(self.matrix, absent_as_zero)
+        labelled = int(self.matrix.sum())
+        metrics["coverage"] = labelled / (labelled + self.unlabelled) if labelled + self.unlabelled else float("nan")
         metrics["num_images"] = self.num_images
         return metrics

@@ -44,6 +44,8 @@ def format_table(metrics: Mapping[str, Any], class_names: Sequence[str]) -> str:
     rows.append(f"pixel accuracy: {_percent(metrics['pixel_accuracy'])}")
     if "mean_accuracy" in metrics:
         rows.append(f"mean accuracy:  {_percent(metrics['mean_accuracy'])}")
+    if metrics.get("coverage") is not None and metrics["coverage"] < 1:
+        rows.append(f"coverage:       {_percent(metrics['coverage'])} of the labelled pixels (255 = no label)")
     if metrics.get("threshold") is not None:
         rows.append(f"threshold:      {float(metrics['threshold']):.2f}")
     if "num_images" in metrics:
@@ -64,6 +66,8 @@ def metrics_to_json_dict(
     }
     if "mean_accuracy" in metrics:
         out["mean_accuracy"] = _scalar(metrics["mean_accuracy"])
+    if "coverage" in metrics:
+        out["coverage"] = _scalar(metrics["coverage"])
     if metrics.get("threshold") is not None:
         out["threshold"] = float(metrics["threshold"])
     if "num_images" in metrics:

@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from ..data.classes import ClassSet
 from ..data.io import IGNORE_INDEX, load_maps, read_mask
-from ..data.voc import _read_split
+from ..data.layout import read_split
 from ..errors import ConfigError, DataError
+from ..pseudo.labels import maps_to_labels
 from .confusion import ConfusionMatrix
-from .threshold import DEFAULT_THRESHOLDS, ThresholdSweep, maps_to_labels
+from .threshold import DEFAULT_THRESHOLDS, ThresholdSweep
 
 Accumulator = ConfusionMatrix | ThresholdSweep
 
@@ -30,7 +32,7 @@ Accumulator = ConfusionMatrix | ThresholdSweep
 def read_split_ids(data_root: str | Path, split: str) -> list[str]:
     """The image ids of ``ROOT/ImageSets/Segmentation/<split>.txt``, parsed as the dataset reader does."""
     # The same parser as VOCDataset, so evaluation sees exactly the ids training and inference see.
-    return _read_split(Path(data_root) / "ImageSets" / "Segmentation" / f"{split}.txt")
+    return read_split(Path(data_root) / "ImageSets" / "Segmentation" / f"{split}.txt")
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,8 @@ class _ImageScorer:
                 acc.update(maps, classes, gt)
                 return
             if pred_path.suffix != ".png":
-                pred = maps_to_labels(maps, classes, self.threshold, self.has_background)
+                threshold = self.threshold if self.has_background else None
+                pred = maps_to_labels(torch.from_numpy(maps), classes, threshold).numpy().astype(np.uint8)
             acc.update(pred, gt)
         except ValueError as exc:
             raise DataError(pred_path, str(exc)) from exc
@@ -124,12 +127,15 @@ def evaluate_split(
     num_workers: int = 0,
     absent_as_zero: bool = False,
     progress: bool = True,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """Score the predictions in ``pred_dir`` against the ground truth of ``split``.
 
     Label PNGs are scored directly. Maps (``.npz``) need ``threshold`` or ``sweep`` on a dataset with a
     background class and neither without one. ``sweep`` tries every value of ``thresholds`` (default
-    0.00..0.99) and reports the best. ``num_workers > 0`` decodes images in that many threads.
+    0.00..0.99) and reports the best. ``num_workers > 0`` decodes images in that many threads. ``limit`` scores the
+    first N images of the split only. In a label PNG, 255 means "no label" (pseudo labels): the metrics are over the
+    labelled pixels and ``coverage`` says which fraction of the ground truth's labelled pixels that is.
 
     Returns the metrics of :meth:`ConfusionMatrix.compute` (``miou`` etc. as fractions) plus
     ``threshold`` (the one used or the best one, else None), ``num_images``, ``class_names`` and, on a
@@ -157,6 +163,10 @@ def evaluate_split(
         thresholds=None if not sweep else np.asarray(DEFAULT_THRESHOLDS if thresholds is None else thresholds),
     )
     ids = read_split_ids(data_root, split)
+    if limit is not None:
+        if limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {limit}")
+        ids = ids[:limit]
     total = scorer.new_accumulator()
     with tqdm(total=len(ids), desc=f"eval {split}", disable=not progress, unit="img") as bar:
         if num_workers > 0:

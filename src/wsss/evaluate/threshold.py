@@ -1,14 +1,10 @@
-"""Turning saved localisation maps into labels with a background threshold, and sweeping that threshold.
+"""Sweeping the background threshold of saved localisation maps: one confusion matrix per threshold.
 
-A maps file holds ``(K, H, W)`` scores in [0, 1] for the K classes present in the image, with their
-dataset label indices. With a background class, the label of a pixel is the argmax over
-``[t, maps]`` with the constant background channel first: background wins ties, so a pixel is
-foreground exactly where its best map exceeds ``t``. As in the authors' scripts, which pad the maps
-with a constant channel of their own dtype, ``t`` is cast to the maps' float dtype before comparing
-(float32 for maps read by :func:`wsss.data.io.load_maps`), so a float32 map value of 0.55 ties with
-``t = 0.55`` and stays background. Without a background class
-(CamVid) the label is the argmax over the stored maps and no threshold is used; a pixel where every
-map is 0 still gets the first stored class.
+The labelling rule is :func:`wsss.pseudo.labels.maps_to_labels` (the toolkit's only one): with a background class,
+the label of a pixel is the argmax over ``[t, maps]`` with the constant background channel first (background wins
+ties, ``t`` is compared in the maps' float dtype) and ties between classes go to the lower label; without a
+background class (CamVid) it is the argmax over the stored maps. :class:`ThresholdSweep` computes exactly what that
+rule gives at every threshold at once.
 """
 
 from __future__ import annotations
@@ -61,31 +57,6 @@ def _score_dtype(maps: np.ndarray) -> np.dtype:
     return maps.dtype if np.issubdtype(maps.dtype, np.floating) else np.dtype(np.float64)
 
 
-def maps_to_labels(
-    maps: np.ndarray, classes: Sequence[int] | np.ndarray, threshold: float | None, has_background: bool
-) -> np.ndarray:
-    """The ``(H, W)`` uint8 label map of ``(K, H, W)`` maps whose rows are dataset labels ``classes``.
-
-    With ``has_background`` the prediction is the argmax over ``[threshold, maps]`` (background first,
-    so it wins ties); otherwise it is the argmax over ``maps`` and ``threshold`` must be None.
-    """
-    maps = np.asarray(maps)
-    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
-    _check_maps(maps, classes, None, has_background)
-    if has_background:
-        if threshold is None:
-            raise ValueError("a threshold is needed to label maps of a dataset with a background class")
-        dtype = _score_dtype(maps)
-        background = np.full((1,) + maps.shape[1:], threshold, dtype=dtype)
-        scores = np.concatenate([background, maps.astype(dtype)], axis=0)
-        labels = np.concatenate([[0], classes])
-    else:
-        if threshold is not None:
-            raise ValueError("a dataset without a background class is labelled without a threshold")
-        scores, labels = maps, classes
-    return labels[np.argmax(scores, axis=0)].astype(np.uint8)
-
-
 class ThresholdSweep:
     """One confusion matrix per background threshold, all updated together from each image's maps.
 
@@ -133,6 +104,8 @@ class ThresholdSweep:
             self.matrices += counts[None]
             self.num_images += 1
             return
+        order = np.argsort(classes, kind="stable")  # ties between classes go to the lower label, as in the rule
+        maps, classes = maps[order], classes[order]
         flat = maps.reshape(maps.shape[0], gt.size)[:, keep]
         best = np.argmax(flat, axis=0)
         label = classes[best]

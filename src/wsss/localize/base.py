@@ -2,7 +2,8 @@
 
 A method implements :meth:`Localizer.token_maps`, which returns raw non-negative maps on the patch grid for one
 view. The base class resizes each view to a multiple of the patch size, upsamples its maps to the input size,
-un-flips the flipped views, sums the views (as the papers do) and min-max normalises each map.
+un-flips the flipped views, sums the views (as the papers do, :func:`wsss.models.multiview.sum_over_views`) and
+min-max normalises each map.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from abc import ABC, abstractmethod
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.multiview import sum_over_views
 from ..models.vit import ViTOutput
 
 ScoreFn = Callable[[ViTOutput], Tensor]
@@ -43,6 +44,16 @@ def as_class_tensor(classes: Tensor | Sequence[Sequence[int]], batch: int, devic
     for i, c in enumerate(lists):
         out[i, : len(c)] = torch.as_tensor(c, dtype=torch.long)
     return out.to(device)
+
+
+def present_classes(labels: Tensor) -> Tensor:
+    """Classifier-output indices of each image's classes ``(B, K)``, padded with -1 (K = most classes of an image)."""
+    present = labels > 0
+    width = max(int(present.sum(dim=1).max()), 1) if labels.numel() else 1
+    # A stable sort puts the present outputs first, in ascending order.
+    order = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    picked = present.gather(1, order)
+    return torch.where(picked, order, torch.full_like(order, -1))
 
 
 def normalize_maps(maps: Tensor, eps: float = 1e-6) -> Tensor:
@@ -108,7 +119,7 @@ class Localizer(ABC):
         return picked * (classes >= 0)
 
     def __call__(self, images: Tensor, classes: Tensor | Sequence[Sequence[int]], scales: Sequence[float] = (1.0,),
-                 flip: bool = False, normalize: bool = True) -> Tensor:
+                 flip: bool = False, normalize: bool = True, eval_mode: bool = True) -> Tensor:
         """Maps ``(B, K, H, W)`` at the input size for the given classes.
 
         Args:
@@ -117,42 +128,40 @@ class Localizer(ABC):
             scales: resize factors of the views; each view is rounded to a multiple of the patch size.
             flip: add the horizontally flipped view of each scale.
             normalize: min-max normalise each map to [0, 1]; otherwise the raw non-negative sum over views.
+            eval_mode: run the model in eval mode (False keeps its current mode: AReAM's training pass runs with
+                drop-path active, as the authors' code does).
         """
         if self.model is None:
             raise RuntimeError("this localiser was released")
         if images.ndim != 4:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-        b, _, h, w = images.shape
-        cls = as_class_tensor(classes, b, images.device)
-        total = torch.zeros(b, cls.shape[1], h, w, device=images.device)
+        cls = as_class_tensor(classes, images.shape[0], images.device)
+
+        def view_maps(x: Tensor) -> Tensor:
+            with torch.set_grad_enabled(self.needs_grad):
+                return self.token_maps(x, cls.repeat(x.shape[0] // cls.shape[0], 1)).detach()
+
         was_training = self.model.training
-        self.model.eval()
+        if eval_mode:
+            self.model.eval()
         try:
-            for scale in scales:
-                view = self._resize(images, scale)
-                # The flipped view rides in the same batch: one forward (and one backward) per scale.
-                x, c = (torch.cat([view, view.flip(-1)]), torch.cat([cls, cls])) if flip else (view, cls)
-                with torch.set_grad_enabled(self.needs_grad):
-                    maps = self.token_maps(x, c).detach()
-                maps = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=self.align_corners)
-                total += maps[:b] + maps[b:].flip(-1) if flip else maps
+            total = sum_over_views(view_maps, images, scales, flip, self.patch_size, self.align_corners)
         finally:
             self.model.train(was_training)
         total = total.clamp_min(0) * (cls >= 0)[:, :, None, None]
         return normalize_maps(total) if normalize else total
 
-    def _resize(self, images: Tensor, scale: float) -> Tensor:
-        p = self.patch_size
-        h, w = images.shape[-2:]
-        size = (max(p, round(h * scale / p) * p), max(p, round(w * scale / p) * p))
-        if size == (h, w):
-            return images
-        return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-
 
 def to_grid(row: Tensor, grid: tuple[int, int]) -> Tensor:
     """``(..., N)`` token values to ``(..., h, w)``."""
     return row.reshape(*row.shape[:-1], *grid)
+
+
+def query_rows(model: nn.Module, classes: Tensor) -> Tensor:
+    """The token whose attention row localises each class: the class token (one per class for MCT heads)."""
+    if getattr(model, "tokens_per_class", False):
+        return classes.clamp(min=0)
+    return torch.zeros_like(classes)
 
 
 def head_mean_patch_affinity(attn: Sequence[Tensor], num_prefix: int) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..models.vit import ViTOutput
+from ..models.vit import Capture, ViTOutput
 from .base import Localizer
 
 
@@ -23,5 +23,5 @@ class CAM(Localizer):
     """Class activation maps of the classifier (Zhou et al.), read off the transformer's patch tokens."""
 
     def token_maps(self, images: Tensor, classes: Tensor) -> Tensor:
-        out = self.model(images)
+        out = self.model(images, capture=Capture())
         return class_activation(self.model, out, classes).relu().unflatten(2, out.grid)

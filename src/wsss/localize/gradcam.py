@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..models.vit import Capture
 from .base import Localizer, ScoreFn, batched_grads, class_logits
 
 
@@ -24,7 +25,7 @@ class GradCAM(Localizer):
 
     def token_maps(self, images: Tensor, classes: Tensor) -> Tensor:
         src = self.block - 1  # the block whose output enters self.block
-        out = self.model(images, hidden=True, grad_from_block=src)
+        out = self.model(images, capture=Capture(hidden=True, grad_from_block=src))
         (grads,) = batched_grads(self.scores(out, classes), [out.hidden[src]])  # (K, B, T, D)
         acts = out.hidden[src][:, out.num_prefix :]
         weights = grads[:, :, out.num_prefix :].mean(dim=2)  # (K, B, D)

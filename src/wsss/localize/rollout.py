@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Localizer
+from ..models.vit import Capture
+from .base import Localizer, query_rows
 
 
 class Rollout(Localizer):
     """Class-agnostic: every class of an image gets its class-token row (MCT heads: the class's own token)."""
 
     def token_maps(self, images: Tensor, classes: Tensor) -> Tensor:
-        out = self.model(images, attn=True)
+        out = self.model(images, capture=Capture(attn=True))
         t = out.attn[0].shape[-1]
         eye = torch.eye(t, device=images.device)
         rollout = eye.expand(images.shape[0], t, t)
@@ -24,9 +25,3 @@ class Rollout(Localizer):
         picked = rollout[torch.arange(rollout.shape[0])[:, None], rows]  # (B, K, T)
         return picked[:, :, out.num_prefix :].unflatten(2, out.grid)
 
-
-def query_rows(model, classes: Tensor) -> Tensor:
-    """The token whose attention row localises each class: the class token (one per class for MCT heads)."""
-    if getattr(model, "head_type", None) == "mct":
-        return classes.clamp(min=0)
-    return torch.zeros_like(classes)

@@ -11,7 +11,7 @@ from torch import nn
 from ..data.transforms import eval_transforms
 from ..data.voc import VOCDataset
 from ..errors import DataError
-from .api import METHODS
+from ..methods import REGISTRY
 
 
 def iter_split_maps(model: nn.Module, dataset: VOCDataset, method: str, scales: Sequence[float] = (1.0,),
@@ -24,7 +24,7 @@ def iter_split_maps(model: nn.Module, dataset: VOCDataset, method: str, scales: 
     """
     transform = eval_transforms(None, mean, std)
     classes = dataset.classes
-    with METHODS[method](model, **options) as loc:
+    with REGISTRY.localizer(method)(model, **options) as loc:
         for i in range(len(dataset)) if indices is None else indices:
             image_id = dataset.ids[i]
             present = np.flatnonzero(dataset.labels(i) > 0)

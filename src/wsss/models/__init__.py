@@ -1,6 +1,11 @@
-"""Transformer backbones with timm-compatible parameter names."""
+"""Transformer backbones with timm-compatible parameter names, their heads, the segmentation model built on them,
+and the one checkpoint format (:mod:`.checkpoint`)."""
 
+from .checkpoint import ModelSpec, load
 from .factory import create_model, list_models, load_into
-from .vit import HEAD_TYPES, PRESETS, VisionTransformer, ViTOutput
+from .heads import HEADS
+from .segmenter import SegmentationModel, SegmentationOutput
+from .vit import HEAD_TYPES, PRESETS, Capture, VisionTransformer, ViTOutput
 
-__all__ = ["create_model", "list_models", "load_into", "VisionTransformer", "ViTOutput", "PRESETS", "HEAD_TYPES"]
+__all__ = ["create_model", "list_models", "load_into", "load", "ModelSpec", "VisionTransformer", "ViTOutput",
+           "Capture", "SegmentationModel", "SegmentationOutput", "PRESETS", "HEADS", "HEAD_TYPES"]

@@ -1,9 +1,10 @@
 """Vision Transformer / DeiT with timm's parameter names, so existing checkpoints load with ``strict=True``.
 
-The forward pass can expose, per block, the post-softmax attention, the pre-softmax attention logits and the
-output tokens. They are returned as ordinary tensors of the autograd graph, so a localiser obtains gradients with
-respect to them through ``torch.autograd.grad`` with no hooks and no global state. With nothing requested the
-attention uses ``scaled_dot_product_attention`` (the fast path).
+``model(x)`` returns the logits, as a timm model does. ``model(x, capture=Capture(...))`` returns the rich
+:class:`ViTOutput`: per block, the post-softmax attention, the pre-softmax attention logits and the output tokens,
+as ordinary tensors of the autograd graph, so a localiser obtains gradients with respect to them through
+``torch.autograd.grad`` with no hooks and no global state. Blocks whose attention is not captured use
+``scaled_dot_product_attention`` (the fast path).
 """
 
 from __future__ import annotations
@@ -15,7 +16,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-HEAD_TYPES = ("token", "gap", "conv", "mct")
+from .heads import HEADS, HeadOutput, NoHead
+
+HEAD_TYPES = tuple(HEADS)
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What a forward pass exposes besides the logits (see :meth:`VisionTransformer.forward`).
+
+    Args:
+        attn: every block's post-softmax attention.
+        attn_logits: every block's pre-softmax attention logits ``q k^T / sqrt(d)``.
+        hidden: every block's output tokens.
+        grad_from_block: blocks below this index run without building a graph, so a backward pass stops there
+            (the localisers only read later blocks).
+        capture_from_block: blocks below this index take the fast path and give ``None`` attention.
+        prefix_only_last: the last block computes only the prefix (class) tokens' outputs, which is all a
+            class-token head reads; its attention is then ``(B, heads, num_prefix, T)`` and ``tokens`` holds only
+            the prefix tokens.
+    """
+
+    attn: bool = False
+    attn_logits: bool = False
+    hidden: bool = False
+    grad_from_block: int = 0
+    capture_from_block: int = 0
+    prefix_only_last: bool = False
 
 
 @dataclass
@@ -156,9 +183,10 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {head_type!r}")
         if pool not in ("avg", "max"):
             raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
-        if head_type == "mct" and distilled:
+        per_class = getattr(HEADS[head_type], "tokens_per_class", False)
+        if per_class and distilled:
             raise ValueError("the mct head replaces the class token and cannot be combined with distillation")
-        if head_type == "mct" and num_classes < 1:
+        if per_class and num_classes < 1:
             raise ValueError("the mct head needs num_classes >= 1")
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.patch_size = patch_size
@@ -170,10 +198,12 @@ class VisionTransformer(nn.Module):
         self.head_type = head_type
         self.pool = pool
         self.distilled = distilled
-        self.num_prefix = num_classes if head_type == "mct" else (2 if distilled else 1)
+        # MCT heads: one class token per class (their logits read the tokens themselves).
+        self.tokens_per_class = per_class
+        self.num_prefix = num_classes if per_class else (2 if distilled else 1)
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, num_classes if head_type == "mct" else 1, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, num_classes if per_class else 1, embed_dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         n_patches = self.base_grid[0] * self.base_grid[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, n_patches + self.num_prefix, embed_dim))
@@ -190,12 +220,8 @@ class VisionTransformer(nn.Module):
 
     def _make_head(self, num_classes: int) -> nn.Module:
         if num_classes <= 0:
-            return nn.Identity()
-        if self.head_type == "conv":
-            return nn.Conv2d(self.embed_dim, num_classes, kernel_size=1)
-        if self.head_type == "mct":
-            return nn.Conv2d(self.embed_dim, num_classes, kernel_size=3, padding=1)
-        return nn.Linear(self.embed_dim, num_classes)
+            return NoHead()
+        return HEADS[self.head_type](self.embed_dim, num_classes, self.pool)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -213,7 +239,7 @@ class VisionTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head(s) with freshly initialised ones for ``num_classes`` outputs."""
-        if self.head_type == "mct" and num_classes != self.num_classes:
+        if self.tokens_per_class and num_classes != self.num_classes:
             raise ValueError("the mct head has one class token per class; build a new model to change the class count")
         self.num_classes = num_classes
         self.head = self._make_head(num_classes)
@@ -234,25 +260,23 @@ class VisionTransformer(nn.Module):
         patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False, antialias=True)
         return torch.cat([prefix, patches.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
 
-    def forward(self, x: Tensor, *, attn: bool = False, attn_logits: bool = False, hidden: bool = False,
-                grad_from_block: int = 0, capture_from_block: int = 0, prefix_only_last: bool = False) -> ViTOutput:
-        """Run the network.
+    def forward(self, x: Tensor, capture: Capture | None = None) -> Tensor | ViTOutput:
+        """The logits ``(B, K)`` of images ``x`` ``(B, C, H, W)``; with ``capture``, the rich :class:`ViTOutput`.
 
-        Args:
-            x: images ``(B, C, H, W)``, H and W multiples of the patch size (any aspect ratio).
-            attn: return every block's post-softmax attention.
-            attn_logits: return every block's pre-softmax attention logits ``q k^T / sqrt(d)``.
-            hidden: return every block's output tokens.
-            grad_from_block: blocks below this index run without building a graph, so a backward pass
-                stops there (the localisers only read later blocks).
-            capture_from_block: blocks below this index take the fast path and return ``None`` attention.
-            prefix_only_last: the last block computes only the prefix (class) tokens' outputs, which is all a
-                ``token`` head reads; its attention is then ``(B, heads, num_prefix, T)`` and ``tokens`` holds only
-                the prefix tokens.
+        H and W must be multiples of the patch size (any aspect ratio: the position embeddings are interpolated).
         """
-        if prefix_only_last and self.head_type != "token":
-            raise ValueError("prefix_only_last needs a token head (the other heads read the patch tokens)")
-        capture = attn or attn_logits
+        if capture is None:
+            return self._run(x, Capture()).logits
+        return self._run(x, capture)
+
+    def forward_intermediates(self, x: Tensor, capture: Capture = Capture()) -> ViTOutput:
+        """The rich output of ``x`` (``self(x, capture=capture)``; call the module itself under DDP)."""
+        return self(x, capture=capture)
+
+    def _run(self, x: Tensor, capture: Capture) -> ViTOutput:
+        if capture.prefix_only_last and self.head.reads_patches:
+            raise ValueError(f"prefix_only_last needs a head that reads only the class token, not {self.head_type}")
+        wants_attn = capture.attn or capture.attn_logits
         tokens, grid = self.patch_embed(x)
         b = tokens.shape[0]
         prefix = [self.cls_token.expand(b, -1, -1)]
@@ -262,46 +286,27 @@ class VisionTransformer(nn.Module):
         out = ViTOutput(logits=tokens, tokens=tokens, grid=grid, num_prefix=self.num_prefix)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
-            queries = self.num_prefix if prefix_only_last and i == last else None
-            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= grad_from_block):
-                tokens, a, lg = blk(tokens, capture and i >= capture_from_block, queries)
-            if attn:
+            queries = self.num_prefix if capture.prefix_only_last and i == last else None
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= capture.grad_from_block):
+                tokens, a, lg = blk(tokens, wants_attn and i >= capture.capture_from_block, queries)
+            if capture.attn:
                 out.attn.append(a)
-            if attn_logits:
+            if capture.attn_logits:
                 out.attn_logits.append(lg)
-            if hidden:
+            if capture.hidden:
                 out.hidden.append(tokens)
         out.tokens = self.norm(tokens)
-        self._classify(out)
+        head: HeadOutput = self.head.classify(out.tokens, grid, self.num_prefix)
+        if self.head_dist is not None:  # distilled DeiT: the mean of the class- and distillation-token heads
+            head.logits = (head.logits + self.head_dist(out.tokens[:, 1])) / 2
+        out.logits, out.patch_logits, out.cam = head.logits, head.patch_logits, head.cam
         return out
-
-    def _classify(self, out: ViTOutput) -> None:
-        tokens, p = out.tokens, self.num_prefix
-        if self.num_classes <= 0:
-            out.logits = tokens[:, 0]
-            return
-        if self.head_type == "token":
-            logits = self.head(tokens[:, 0])
-            if self.head_dist is not None:
-                logits = (logits + self.head_dist(tokens[:, 1])) / 2
-            out.logits = logits
-        elif self.head_type == "gap":
-            out.logits = self.head(tokens[:, p:].mean(dim=1))
-        else:
-            patch_map = tokens[:, p:].transpose(1, 2).reshape(tokens.shape[0], -1, *out.grid)
-            out.cam = self.head(patch_map)
-            pooled = out.cam.amax(dim=(2, 3)) if self.pool == "max" else out.cam.mean(dim=(2, 3))
-            if self.head_type == "conv":
-                out.logits = pooled
-            else:  # mct: class-token logits, patch-head logits kept alongside
-                out.logits = tokens[:, :p].mean(dim=-1)
-                out.patch_logits = pooled
 
     def class_weights(self) -> tuple[Tensor, Tensor | None]:
         """The classifier as a ``(K, D)`` weight and ``(K,)`` bias applied to (normed) patch tokens for a CAM."""
         if isinstance(self.head, nn.Linear):
             return self.head.weight, self.head.bias
-        if isinstance(self.head, nn.Conv2d) and self.head.kernel_size == (1, 1):
+        if isinstance(self.head, nn.Conv2d) and self.head.kernel_size == (1, 1):  # the conv CAM head
             return self.head.weight.flatten(1), self.head.bias
         raise ValueError(f"the {self.head_type} head has no linear class weights")
 

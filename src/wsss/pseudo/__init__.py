@@ -9,11 +9,12 @@ from .completion import label_completion, label_completion_with_saliency, percen
 from .labels import (
     background_argmax,
     channels_to_labels,
-    maps_to_labels_threshold,
+    maps_to_labels,
     psa_labels,
     sorted_by_label,
     two_threshold_labels,
 )
+from .generate import RULES
 from .morphology import binary_opening
 
 __all__ = [
@@ -22,8 +23,9 @@ __all__ = [
     "channels_to_labels",
     "label_completion",
     "label_completion_with_saliency",
-    "maps_to_labels_threshold",
+    "maps_to_labels",
     "percentile_threshold",
+    "RULES",
     "psa_background",
     "psa_labels",
     "sorted_by_label",

@@ -17,7 +17,7 @@ from ..errors import ConfigError, DataError
 from ..refine.crf import CRFParams
 from ..refine.refiner import REFINEMENTS, Refiner, make_refiner
 from .completion import label_completion
-from .labels import maps_to_labels_threshold, psa_labels, two_threshold_labels
+from .labels import maps_to_labels, psa_labels, two_threshold_labels
 
 RULES = ("threshold", "two_thresholds", "psa", "completion")
 
@@ -113,11 +113,12 @@ def pseudo_label_for(settings: PseudoSettings, image_id: str, image_path: Path) 
     maps_t = torch.from_numpy(maps)
     common = dict(refine=refiner, background_label=settings.background_label)
     if settings.rule == "threshold":
-        labels = maps_to_labels_threshold(
+        labels = maps_to_labels(
             maps_t, classes, settings.bg_threshold, softmax=settings.softmax, scale=settings.scale, **common
         )
     elif settings.rule == "two_thresholds":
-        labels = two_threshold_labels(maps_t, classes, settings.high, settings.low, scale=settings.scale, **common)
+        labels = two_threshold_labels(maps_t[None], torch.as_tensor(classes)[None], settings.high, settings.low,
+                                      scale=settings.scale, **common)[0]
     elif settings.rule == "psa":
         labels = psa_labels(maps_t, classes, settings.alpha, softmax=settings.softmax, scale=settings.scale, **common)
     else:

@@ -1,6 +1,6 @@
-"""One image's refinement as a callable on score stacks, whatever the method.
+"""An image's (or a batch's) refinement as a callable on score stacks, whatever the method.
 
-A refiner maps ``(1, C, h, w)`` scores to refined ``(1, C, h, w)`` scores. It holds the image at full
+A refiner maps ``(B, C, h, w)`` scores to refined ``(B, C, h, w)`` scores (B = 1 for one image). It holds the image at full
 size and resizes it (bilinear, ``align_corners=False``, as AReAM's ``cam_to_seg``) when the scores
 come at another size, e.g. at half resolution. Image-dependent kernels are computed once per size and
 reused, so two runs on the same image (two thresholds) pay for one kernel.
@@ -26,9 +26,15 @@ REFINEMENTS = ("none", "pamr", "par", "crf", "affinity")
 
 
 class _ImageAtSize:
-    """An ``(H, W, 3)`` uint8 image as a float ``(1, 3, h, w)`` tensor in 0..255 at any requested size."""
+    """An ``(H, W, 3)`` uint8 image, or a ``(B, 3, H, W)`` float batch in 0..255, as a float ``(B, 3, h, w)``
+    tensor in 0..255 at any requested size."""
 
     def __init__(self, image: np.ndarray | torch.Tensor):
+        if torch.is_tensor(image) and image.ndim == 4:
+            if image.shape[1] != 3:
+                raise ValueError(f"an image batch must be (B, 3, H, W), got {tuple(image.shape)}")
+            self.full = image.detach().float()
+            return
         image_t = torch.as_tensor(np.array(image))  # a copy: PIL-backed arrays are read-only
         if image_t.ndim != 3 or image_t.shape[2] != 3:
             raise ValueError(f"image must be (H, W, 3), got {tuple(image_t.shape)}")
@@ -54,6 +60,9 @@ def _local_refiner(image: _ImageAtSize, kind: str, iterations: int, dilations: S
 
 
 def _crf_refiner(image: _ImageAtSize, params: CRFParams) -> Refiner:
+    if image.full.shape[0] != 1:
+        raise ValueError("the dense CRF refines one image at a time")
+
     def refine(scores: torch.Tensor) -> torch.Tensor:
         guide = image.at(scores.shape[-2:]).round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
         probs = dense_crf(guide.numpy(), scores[0].detach().cpu().float().numpy(), params)
@@ -74,7 +83,8 @@ def make_refiner(
     affinity_steps: int = 1,
     affinity_normalize: str = "row",
 ) -> Refiner | None:
-    """The refiner of ``kind`` (one of :data:`REFINEMENTS`) for an ``(H, W, 3)`` uint8 image; None for "none".
+    """The refiner of ``kind`` (one of :data:`REFINEMENTS`) for an ``(H, W, 3)`` uint8 image, or for a
+    ``(B, 3, H, W)`` float batch in 0..255 (not the CRF); None for "none".
 
     ``pamr`` and ``par`` run ``iterations`` steps (default dilations 1, 2, 4, 8, 12, 24; PAMR sees the image
     in 0..255, PAR in [0, 1]); ``crf`` uses the preset or :class:`CRFParams` ``crf``; ``affinity`` needs the

@@ -1,17 +1,15 @@
-"""The segmentation stage: a decoder on the ViT backbone, losses on pseudo labels, training objective, inference."""
+"""The segmentation stage: losses on pseudo labels, the training objective and inference (the model itself is
+:class:`wsss.models.SegmentationModel`)."""
 
 from .losses import cross_entropy, saliency_bce, saliency_target, split_cross_entropy, split_cross_entropy_terms
-from .model import SegmentationModel, SegmentationOutput, default_levels, load_segmenter
-from .objective import SegmentationObjective
+from .objective import DecoderOptions, SegmentationObjective, SegmentationOptions
 from .predict import predict_probs, predict_split, probs_to_labels
 
 __all__ = [
-    "SegmentationModel",
+    "DecoderOptions",
     "SegmentationObjective",
-    "SegmentationOutput",
+    "SegmentationOptions",
     "cross_entropy",
-    "default_levels",
-    "load_segmenter",
     "predict_probs",
     "predict_split",
     "probs_to_labels",

@@ -79,3 +79,8 @@ def shutdown(info: DistInfo, synchronize: bool = True) -> None:
         if synchronize:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP (or DataParallel) wrapper, else the model itself."""
+    return model.module if hasattr(model, "module") else model

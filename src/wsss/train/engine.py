@@ -6,8 +6,8 @@ restores model, optimiser, scheduler, step, objective state and every process's 
 order where it stopped, so it ends with the same weights as an uninterrupted run.
 
 An objective is ``objective(model, batch, step) -> (loss, {name: float})``; ``model`` is DDP-wrapped under
-``torchrun``. Optional extras: ``build_model(backbone, spec)`` returns the model to train (recording its
-architecture in ``spec``); ``lr_scale(step)`` multiplies the scheduled learning rate; ``state_dict()`` /
+``torchrun``. Optional extras: ``build_model(backbone)`` returns the model to train (e.g. with a segmentation
+decoder; the checkpoint spec describes whatever it returns); ``lr_scale(step)`` multiplies the scheduled learning rate; ``state_dict()`` /
 ``load_state_dict(state)`` carry objective state across a resume (``weights_only``-loadable values). The logged
 names must be the same on every process.
 """
@@ -32,9 +32,11 @@ from tqdm import tqdm
 from ..data.transforms import build_transforms
 from ..data.voc import VOCDataset, collate
 from ..errors import CheckpointError, ConfigError, WSSSError
+from ..methods import get_method
 from ..models import create_model, load_into
+from ..models.checkpoint import MODEL_FILE, describe, save
 from ..models.weights import load_state_dict
-from .checkpoint import MODEL_FILE, CheckpointManager, model_spec, rng_state, save_model, set_rng_state
+from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import dump_config, parse_yaml
 from .distributed import DistInfo, all_gather_objects, all_reduce_mean, barrier, init_distributed, shutdown
 from .objectives import build_objective
@@ -114,12 +116,14 @@ class Trainer:
             raise ConfigError(f"data.batch_size: {exc}") from exc
         backbone = create_model(m["name"], weights=m["weights"], num_classes=self.classes.num_fg, head=m["head"],
                                 pool=m["pool"], drop_path_rate=m["drop_path_rate"])
-        self.spec = model_spec(backbone, m["name"], {"classes": list(self.classes.names)})
         self.objective = build_objective(cfg["method"], classes=self.classes, device=self.device, mean=self.mean,
                                          std=self.std)
-        # An objective may extend the backbone (e.g. with a segmentation decoder) and record how in the spec.
+        # An objective may extend the backbone (e.g. with a segmentation decoder).
         build = getattr(self.objective, "build_model", None)
-        self.model = (build(backbone, self.spec) if build is not None else backbone).to(self.device)
+        self.model = (build(backbone) if build is not None else backbone).to(self.device)
+        # Everything a user of the checkpoint needs: architecture, classes, normalisation, method, config.
+        self.spec = describe(self.model, m["name"], self.classes.names, self.mean, self.std,
+                             method=get_method(cfg["method"]["name"]).name, config=cfg)
         self.ddp: nn.Module = self.model
         if self.dist.enabled:
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -312,7 +316,7 @@ class Trainer:
             if cfg["val"]["every"]:
                 summary["val"] = self.validate()
             if main:
-                save_model(self.run_dir / MODEL_FILE, self.model, self.spec)
+                save(self.run_dir / MODEL_FILE, self.model, self.spec)
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             finished = True
         finally:

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.voc import VOCDataset
-from ..evaluate import ThresholdSweep, maps_to_labels, threshold_grid
+from ..evaluate import ThresholdSweep, threshold_grid
 from ..localize.split import iter_split_maps
+from ..pseudo.labels import maps_to_labels
 from ..visualize import colorize, overlay
 
 
@@ -75,7 +76,8 @@ def map_grid(model: nn.Module, dataset: VOCDataset, indices: Sequence[int], meth
     for i, (_, maps, labels) in zip(indices, iter_split_maps(model, dataset, method, scales, flip, mean, std,
                                                              indices=indices, device=device, **options)):
         image = dataset.load_image(i)
-        pseudo = maps_to_labels(maps, labels, (0.5 if threshold is None else threshold) if has_bg else None, has_bg)
+        t = (0.5 if threshold is None else threshold) if has_bg else None
+        pseudo = maps_to_labels(torch.from_numpy(maps), labels, t).numpy().astype(np.uint8)
         cells = [_tile(image, tile, False), _tile(colorize(dataset.load_mask(i)), tile, True),
                  _tile(colorize(pseudo), tile, True), _tile(overlay(image, maps.max(axis=0)), tile, False)]
         rows.append(np.concatenate(cells, axis=1))

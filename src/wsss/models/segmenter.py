@@ -6,25 +6,22 @@ them, refines the sum with two 3x3 conv + GroupNorm + ReLU layers and predicts o
 upsampled bilinearly to the input size. The deepest level reads the backbone's final-normed tokens, so the final
 norm takes part in training (every parameter gets a gradient, which DDP requires).
 
-The model returns the backbone's :class:`~wsss.models.vit.ViTOutput` as well, so an end-to-end method (GETAM) can
-train the classifier and the segmentation head with one forward pass.
+``model(x)`` returns the segmentation logits; ``model(x, capture=Capture(...))`` a :class:`SegmentationOutput` that
+holds the backbone's :class:`~wsss.models.vit.ViTOutput` as well, so an end-to-end method (GETAM) can train the
+classifier and the segmentation head with one forward pass.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import CheckpointError
-from ..models import create_model, load_into
-from ..models.vit import ViTOutput, VisionTransformer
+from .vit import Capture, ViTOutput, VisionTransformer
 
 REFERENCE_LEVELS = (3, 5, 8, 11)  # of a 12-block ViT
-SPEC_KEY = "segmenter"
 
 
 def default_levels(depth: int) -> tuple[int, ...]:
@@ -55,7 +52,7 @@ class SegmentationOutput:
 
 
 class SegmentationModel(nn.Module):
-    """ViT backbone + multi-level decoder; ``forward(x) -> SegmentationOutput``.
+    """ViT backbone + multi-level decoder; ``forward(x)`` gives the logits ``(B, C, H, W)``.
 
     Args:
         backbone: the :class:`VisionTransformer` (its classifier head is kept and evaluated as usual).
@@ -114,53 +111,9 @@ class SegmentationModel(nn.Module):
             fused = fused + proj(patches)
         return self.classifier(self.drop(self.fuse(fused)))
 
-    def forward(self, x: Tensor, **vit_options: Any) -> SegmentationOutput:
-        """Segment ``x`` ``(B, 3, H, W)`` (H, W multiples of the patch size); ``vit_options`` go to the backbone."""
-        out = self.encoder(x, hidden=True, **vit_options)
+    def forward(self, x: Tensor, capture: Capture | None = None) -> Tensor | SegmentationOutput:
+        """Segment ``x`` ``(B, 3, H, W)`` (H, W multiples of the patch size): the logits at the input size, or with
+        ``capture`` (what the backbone exposes besides the decoder's levels) the :class:`SegmentationOutput`."""
+        out = self.encoder(x, capture=replace(capture or Capture(), hidden=True))
         logits = F.interpolate(self.decode(out), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return SegmentationOutput(logits=logits, vit=out)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP (or DataParallel) wrapper, else the model itself."""
-    return model.module if hasattr(model, "module") else model
-
-
-def add_to_spec(model: SegmentationModel, spec: dict, **extra: Any) -> dict:
-    """Record the decoder (and ``extra`` entries such as mean/std) in a checkpoint spec, in place."""
-    spec[SPEC_KEY] = model.config()
-    spec.update(extra)
-    return spec
-
-
-def load_segmenter(path: str | Path) -> tuple[SegmentationModel, dict]:
-    """Rebuild a segmentation model saved by a training run; returns ``(model, spec)``.
-
-    ``path`` is a run folder (its final ``model.safetensors``, else its newest checkpoint), a checkpoint folder or
-    a ``model.safetensors`` file.
-    """
-    from ..models.weights import load_state_dict
-    from ..train.checkpoint import MODEL_FILE, CheckpointManager, read_spec
-
-    path = Path(path)
-    if path.is_dir():
-        if (path / MODEL_FILE).is_file():
-            path = path / MODEL_FILE
-        else:
-            latest = CheckpointManager(path).latest()
-            if latest is None:
-                raise CheckpointError(f"{path}: no {MODEL_FILE} and no checkpoints/latest in this folder")
-            path = latest / MODEL_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    spec = read_spec(path)
-    if spec is None or SPEC_KEY not in spec:
-        raise CheckpointError(f"{path}: not a segmentation checkpoint (no '{SPEC_KEY}' entry in its spec); "
-                              "train one with method.name: segmentation or getam")
-    seg = spec[SPEC_KEY]
-    backbone = create_model(spec["name"], head=spec.get("head", "token"), pool=spec.get("pool", "avg"),
-                            num_classes=spec.get("num_classes"), img_size=tuple(spec.get("img_size", (224, 224))))
-    model = SegmentationModel(backbone, seg["num_classes"], levels=seg["levels"], dim=seg["dim"],
-                              dropout=seg.get("dropout", 0.1))
-    load_into(model, load_state_dict(path), source=str(path))
-    return model, spec
+        return logits if capture is None else SegmentationOutput(logits=logits, vit=out)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import ScoreFn, class_logits, head_mean_patch_affinity
-from .getam import AttentionGradients
+from ...localize.attention_gradients import AttentionGradients, checked_layer
+from ...localize.base import ScoreFn, class_logits, head_mean_patch_affinity
 
 
 class ACR(AttentionGradients):
@@ -20,7 +20,7 @@ class ACR(AttentionGradients):
                  refine: bool = True):
         super().__init__(model, score_fn)
         self.reads_all_attention = refine
-        self.start_layer = model.depth - 2 if start_layer is None else start_layer % model.depth
+        self.start_layer = model.depth - 2 if start_layer is None else checked_layer(start_layer, model.depth)
         self.refine = refine
 
     def token_maps(self, images: Tensor, classes: Tensor) -> Tensor:

@@ -12,8 +12,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Localizer, ScoreFn, class_logits
-from .cam import class_activation
+from ...localize.base import Localizer, ScoreFn, class_logits
+from ...localize.cam import class_activation
+from ...models.vit import Capture
 
 
 def shallow_affinity(attn: Sequence[Tensor], num_prefix: int, layers: int | None = None,
@@ -35,16 +36,16 @@ class AReAM(Localizer):
     align_corners = False
 
     def __init__(self, model: nn.Module, score_fn: ScoreFn = class_logits, layers: int | None = None,
-                 layer_weights: Sequence[float] | None = None):
+                 layer_weights: Sequence[float] | Tensor | None = None):
         super().__init__(model, score_fn)
         self.layers = layers
         self.layer_weights = layer_weights
 
     def token_maps(self, images: Tensor, classes: Tensor) -> Tensor:
-        out = self.model(images, attn=True)
+        out = self.model(images, capture=Capture(attn=True))
         cam = class_activation(self.model, out, classes).relu()  # (B, K, N)
         p = out.num_prefix
-        if getattr(self.model, "head_type", None) == "mct":
+        if getattr(self.model, "tokens_per_class", False):
             cls_attn = torch.stack([a.mean(dim=1)[:, :p, p:] for a in out.attn]).mean(0)  # (B, C, N)
             idx = classes.clamp(min=0)[:, :, None].expand(-1, -1, cls_attn.shape[2])
             cam = cam * cls_attn.gather(1, idx)

@@ -17,15 +17,23 @@ separate forward passes (the authors' code) and costs one call, which also keeps
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ...errors import ConfigError
+from ...models.vit import Capture
+from ...train.losses import classification_loss
+from ..registry import MethodOptions
 
-ACR_OPTIONS = ("name", "alpha", "layers")
+
+class ACROptions(MethodOptions):
+    """``method.name: acr``."""
+
+    alpha: float = Field(125.0, ge=0.0)  # 125 in the VOC script; 100 for COCO
+    layers: list[int] | None = Field(None, min_length=1)  # blocks whose attention is compared (null: all, the paper)
 
 
 def unflip_index(grid: tuple[int, int], device: torch.device | str | None = None) -> Tensor:
@@ -60,19 +68,12 @@ def consistency_terms(attn1: Tensor, attn2: Tensor, grid: tuple[int, int], num_p
 
 
 class ACRObjective:
-    """``method.name: acr``. Options: ``alpha`` (125, the VOC script; 100 for COCO), ``layers`` (block indices whose
-    attention is compared; null = all blocks, as the paper)."""
+    """``method.name: acr`` with :class:`ACROptions`."""
 
-    def __init__(self, cfg: dict, **_: Any):
-        unknown = set(cfg) - set(ACR_OPTIONS)
-        if unknown:
-            raise ConfigError(f"method 'acr' takes {', '.join(ACR_OPTIONS[1:])}; unknown {sorted(unknown)}")
-        self.alpha = float(cfg.get("alpha", 125.0))
-        layers = cfg.get("layers")
-        if layers is not None and (not isinstance(layers, (list, tuple)) or not layers
-                                   or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
-            raise ConfigError(f"method.layers must be null or a non-empty list of block indices, got {layers!r}")
-        self.layers: Sequence[int] | None = None if layers is None else list(layers)
+    def __init__(self, options: ACROptions, **_: Any):
+        self.options = options
+        self.alpha = options.alpha
+        self.layers = options.layers
 
     def _chosen(self, attn: list[Tensor]) -> list[Tensor]:
         if self.layers is None:
@@ -86,16 +87,8 @@ class ACRObjective:
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
         x, labels = batch["image"], batch["label"]
         b = x.shape[0]
-        out = model(torch.cat([x, x.flip(-1)]), attn=True)
-        cls1 = F.multilabel_soft_margin_loss(out.logits[:b], labels)
-        cls2 = F.multilabel_soft_margin_loss(out.logits[b:], labels)
-        loss = cls1 + cls2
-        logs = {"cls": float(cls1.detach()), "cls_flip": float(cls2.detach())}
-        if out.patch_logits is not None:  # conv/mct heads train their patch classifier as the baseline does
-            patch = (F.multilabel_soft_margin_loss(out.patch_logits[:b], labels)
-                     + F.multilabel_soft_margin_loss(out.patch_logits[b:], labels))
-            logs["cls_patch"] = float(patch.detach())
-            loss = loss + patch
+        out = model(torch.cat([x, x.flip(-1)]), capture=Capture(attn=True))
+        loss, logs = classification_loss(out, labels, views=2)
         mean_attn = torch.stack([a.float().mean(dim=1) for a in self._chosen(out.attn)], dim=1)  # (2B, L, T, T)
         cls_term, pair_term = consistency_terms(mean_attn[:b], mean_attn[b:], out.grid, out.num_prefix)
         loss = loss + self.alpha * (cls_term + pair_term)

@@ -1,0 +1,152 @@
+"""Option groups shared by the subcommands, and how their values are resolved.
+
+``add_device``, ``add_normalization``, ``add_views`` and ``add_limit`` put the same flags with the same meaning on
+every command that takes them; :func:`resolve_device`, :func:`normalization` and :func:`limited` turn the parsed
+values into what the library calls want. Torch is imported only when a value is resolved, so building a parser
+stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ..errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..models.checkpoint import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """An argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    """``--device`` (default ``auto``: CUDA when available, else the CPU)."""
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+
+
+def resolve_device(name: str) -> "torch.device":
+    """The torch device ``name`` means; CUDA asked for on a machine without it is a ConfigError."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device_name(name))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def add_normalization(parser: argparse.ArgumentParser) -> None:
+    """``--mean M M M`` / ``--std S S S``; left out, the checkpoint's normalisation is used."""
+    group = parser.add_argument_group("input normalisation")
+    group.add_argument("--mean", type=float, nargs=3, metavar="M", default=None,
+                       help="per-channel mean of RGB in [0, 1] (default: the checkpoint's)")
+    group.add_argument("--std", type=positive_float, nargs=3, metavar="S", default=None,
+                       help="per-channel standard deviation (default: the checkpoint's)")
+
+
+def _values(values: Sequence[float]) -> str:
+    return " ".join(f"{v:g}" for v in values)
+
+
+def normalization(args: argparse.Namespace, spec: "ModelSpec", source: str | Path) -> tuple[tuple[float, ...],
+                                                                                              tuple[float, ...]]:
+    """``(mean, std)``: the flags where given, else the checkpoint's. A flag that contradicts the checkpoint (read
+    from ``source``) is used, with a warning naming both values."""
+    resolved = []
+    for name in ("mean", "std"):
+        flag, trained = getattr(args, name), tuple(getattr(spec, name))
+        if flag is None:
+            resolved.append(trained)
+            continue
+        if any(abs(a - b) > 1e-6 for a, b in zip(flag, trained)):
+            log.warning("--%s %s contradicts the checkpoint's %s %s (%s); using the flag", name, _values(flag), name,
+                        _values(trained), source)
+        resolved.append(tuple(float(v) for v in flag))
+    return resolved[0], resolved[1]
+
+
+def check_classes(spec: "ModelSpec", names: Sequence[str], source: str | Path, data: str | Path) -> None:
+    """The checkpoint's classes (where it records them) must be the dataset's: a CheckpointError naming both lists."""
+    if spec.classes is not None and list(spec.classes) != list(names):
+        raise CheckpointError(f"{source} was trained on the classes {list(spec.classes)}, but {data} has "
+                              f"{list(names)}")
+
+
+def check_classifier(num_outputs: int, num_fg: int, source: str | Path, data: str | Path) -> None:
+    """A classifier to localise must have one output per foreground class of the dataset."""
+    if num_outputs == 0:
+        raise CheckpointError(f"{source} has no classifier to localise (a segmentation model trained without one)")
+    if num_outputs != num_fg:
+        raise CheckpointError(f"{source}: the classifier has {num_outputs} outputs, {data} has {num_fg} foreground "
+                              f"classes")
+
+
+def add_views(parser: argparse.ArgumentParser, what: str = "maps") -> None:
+    """``--scales`` (resize factors > 0 of the views) and ``--flip``."""
+    group = parser.add_argument_group("test-time views")
+    group.add_argument("--scales", type=positive_float, nargs="+", metavar="S", default=[1.0],
+                       help=f"resize factors of the views whose {what} are summed")
+    group.add_argument("--flip", action="store_true", help="add the horizontally flipped view of every scale")
+
+
+def add_limit(parser: argparse.ArgumentParser) -> None:
+    """``--limit N``: only the first N images of the split."""
+    parser.add_argument("--limit", type=positive_int, metavar="N", default=None,
+                        help="process only the first N images of the split (default: all)")
+
+
+def limited(items: Sequence[Any], limit: int | None) -> Sequence[Any]:
+    """The first ``limit`` items (all with None)."""
+    return items if limit is None else items[:limit]

@@ -1,0 +1,51 @@
+"""The shared machinery of the class-token-gradient maps (GETAM, ACR): one forward with attention, one batched
+backward, and each class's query row of every read block's attention and gradient."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..models.vit import Capture, ViTOutput
+from .base import Localizer, batched_grads, class_logits, query_rows
+
+
+def class_rows(attn: Tensor, grads: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Select each class's query row: ``attn (B,H,T,T)`` -> ``(B,K,H,T)``; ``grads (K,B,H,T,T)`` -> ``(B,K,H,T)``."""
+    b_idx = torch.arange(attn.shape[0], device=attn.device)[:, None]
+    k_idx = torch.arange(rows.shape[1], device=attn.device)[None, :]
+    a = attn[b_idx, :, rows]
+    g = grads.transpose(0, 1)[b_idx, k_idx, :, rows]
+    return a, g
+
+
+def checked_layer(layer: int, depth: int) -> int:
+    """A block index in ``-depth..depth-1`` as a non-negative index; anything else is a ValueError."""
+    if not -depth <= layer < depth:
+        raise ValueError(f"start_layer {layer} is out of range for a {depth}-block model (use 0..{depth - 1})")
+    return layer % depth
+
+
+class AttentionGradients(Localizer):
+    """Base of the methods that weigh attention by d score / d attention over the blocks from ``start_layer``."""
+
+    needs_grad = True
+    start_layer: int
+
+    # Whether the method also reads every block's patch-to-patch attention (ACR's affinity does).
+    reads_all_attention: bool = False
+
+    def class_token_rows(self, images: Tensor, classes: Tensor) -> tuple[ViTOutput, list[tuple[Tensor, Tensor]]]:
+        """``(out, rows)``: each read block's ``(attention row, gradient row)`` of each class, ``(B, K, H, T)``."""
+        # With a class-token head and the default target nothing reads the last block's patch outputs, so that
+        # block computes only the class token; blocks below start_layer skip the attention capture.
+        head = getattr(self.model, "head", None)
+        prefix_only = (head is not None and not getattr(head, "reads_patches", True)
+                       and self.score_fn is class_logits and not self.reads_all_attention)
+        capture = Capture(attn=True, grad_from_block=self.start_layer, prefix_only_last=prefix_only,
+                          capture_from_block=0 if self.reads_all_attention else self.start_layer)
+        out = self.model(images, capture=capture)
+        attn = out.attn[self.start_layer :]
+        grads = batched_grads(self.scores(out, classes), attn)
+        query = query_rows(self.model, classes)
+        return out, [class_rows(a, g, query) for a, g in zip(attn, grads)]

@@ -1,0 +1,129 @@
+"""A fourth method registered from this file alone: its map appears in ``wsss cam --help``, it trains with
+``wsss train`` and ``benchmarks/pipeline.py`` scores it, without any other file changing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from wsss.cli.main import main
+from wsss.data.synth import make_synthetic
+from wsss.localize import Localizer
+from wsss.localize.cam import class_activation
+from wsss.methods import REGISTRY, Method, MethodOptions, PseudoRecipe, get_method, register_method, unregister_method
+from wsss.models import Capture
+from wsss.train.losses import classification_loss
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class SquaredCAM(Localizer):
+    """A toy formula: the rectified CAM, squared (sharper than the CAM, and easy to check by hand)."""
+
+    def token_maps(self, images: Tensor, classes: Tensor) -> Tensor:
+        out = self.model(images, capture=Capture())
+        return class_activation(self.model, out, classes).relu().square().unflatten(2, out.grid)
+
+
+class ToyOptions(MethodOptions):
+    weight: float = Field(1.0, gt=0.0)
+
+
+class ToyObjective:
+    """Classification scaled by ``weight`` (enough to show the options reach the objective)."""
+
+    def __init__(self, options: ToyOptions, **_):
+        self.weight = options.weight
+
+    def __call__(self, model, batch, step):
+        loss, logs = classification_loss(model(batch["image"], capture=Capture()), batch["label"])
+        return self.weight * loss, logs
+
+
+TINY_RUN = """
+model: {name: vit_nano_patch16, head: conv}
+data: {batch_size: 8, num_workers: 0, transforms: {crop: 64, hflip: true}}
+optim: {lr: 1.0e-3, warmup_steps: 0}
+train: {steps: 4, log_every: 2, ckpt_every: 0}
+val: {method: METHOD, scales: [1.0], flip: false}
+"""
+
+
+@pytest.fixture()
+def toy_method(tmp_path):
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "toy_tiny.yaml").write_text(TINY_RUN.replace("METHOD", "squared_cam")
+                                           + "method: {name: toy, weight: 2.0}\n")
+    (presets / "segment_tiny.yaml").write_text(TINY_RUN.replace("METHOD", "cam").replace("head: conv", "head: token")
+                                               + "method: {name: segmentation, dim: 16}\n")
+    method = register_method(Method(name="toy", summary="a toy method registered by a test",
+                                    maps={"squared_cam": SquaredCAM}, own_map="squared_cam", objective=ToyObjective,
+                                    options=ToyOptions, presets=presets,
+                                    pseudo=PseudoRecipe(rule="threshold", params={"bg_threshold": 0.3})))
+    yield method
+    unregister_method("toy")
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    make_synthetic(root, size=64, num_train=16, num_val=8, num_classes=3, seed=0)
+    return root
+
+
+def test_registered_method_is_everywhere(toy_method, capsys):
+    assert get_method("toy") is toy_method
+    assert REGISTRY.localizer("squared_cam") is SquaredCAM
+    with pytest.raises(SystemExit):
+        main(["cam", "--help"])
+    assert "squared_cam" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(Method(name="other", summary="clashes", maps={"squared_cam": SquaredCAM}))
+
+
+def test_registered_method_trains_with_wsss_train(toy_method, synthetic, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--config", "toy_tiny", f"data.root={synthetic}", f"run_dir={run}"]) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # The objective doubles the classification loss: its options reached it.
+    assert metrics[-1]["loss"] == pytest.approx(2 * metrics[-1]["cls"], rel=1e-4)
+    from wsss.models.checkpoint import read_spec
+
+    spec = read_spec(run)
+    assert spec.method == "toy" and spec.config["method"] == {"name": "toy", "weight": 2.0}
+    # A bad option value is refused (exit 2, a ConfigError) before training starts.
+    assert main(["train", "--config", "toy_tiny", f"data.root={synthetic}", f"run_dir={tmp_path / 'bad'}",
+                 "method.weight=-1"]) == 2
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_registered_method_is_scored_by_the_pipeline(toy_method, synthetic, tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import pipeline
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    out = tmp_path / "pipeline.json"
+    argv = ["--data", str(synthetic), "--train-split", "train", "--eval-split", "val", "--methods", "toy",
+            "--recipe", "tiny", "--weights", "none", "--maps", "cam", "squared_cam", "--run-root",
+            str(tmp_path / "runs"), "--out", str(out)]
+    assert pipeline.main(argv) == 0
+    result = json.loads(out.read_text())
+    toy = result["methods"]["toy"]
+    for key in ("seed_train", "seed_eval", "segment_eval"):
+        assert 0.0 <= toy[key] <= 1.0
+    assert 0.0 <= toy["pseudo_train"]["miou"] <= 1.0 and 0.0 < toy["pseudo_train"]["coverage"] <= 1.0
+    assert set(result["maps"]["toy"]) == {"cam", "squared_cam"}
+    assert toy["seed_eval"] == result["maps"]["toy"]["squared_cam"]
+    assert set(result["priors"]) == {"centre", "mean_mask"} and 0 <= result["supervised"]["segment_eval"] <= 1
+    # Every stage is kept: a resumed run recomputes nothing and gives the same numbers.
+    assert pipeline.main(argv + ["--resume"]) == 0
+    again = json.loads(out.read_text())
+    assert again["methods"] == result["methods"] and again["maps"] == result["maps"]
