@@ -51,6 +51,24 @@ def _labels(maps: np.ndarray, classes: np.ndarray, threshold: float | None) -> n
     return maps_to_labels(torch.from_numpy(maps), classes, threshold).numpy()
 
 
+def test_eval_scores_pseudo_labels_over_their_labelled_pixels(tmp_path):
+    """255 in a prediction is "no label": the metrics cover the labelled pixels and the coverage says how many."""
+    from wsss.cli.main import main
+
+    data = _dataset(tmp_path / "data", GTS, NAMES)
+    preds = {k: v.copy() for k, v in PREDS.items()}
+    preds["img_a"][0, :2] = 255  # one right (0 -> 0) and one wrong (0 -> 1) pixel left unlabelled
+    folder = _label_preds(tmp_path / "pseudo", preds)
+    assert main(["eval", "--data", str(data), "--split", "val", "--pred", str(folder), "--out", str(tmp_path / "m")]) == 0
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    # rows = gt: [[5, 0, 0], [0, 3, 1], [1, 0, 3]] -> IoU 5/6, 3/4, 3/5; 13 of 15 labelled gt pixels labelled.
+    assert metrics["coverage"] == pytest.approx(13 / 15)
+    assert metrics["miou"] == pytest.approx((5 / 6 + 3 / 4 + 3 / 5) / 3)
+    assert main(["eval", "--data", str(data), "--split", "val", "--pred", str(folder), "--limit", "1",
+                 "--out", str(tmp_path / "one")]) == 0
+    assert json.loads((tmp_path / "one" / "metrics.json").read_text())["num_images"] == 1
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="wsss")
     eval_cli.add_parser(parser.add_subparsers(dest="command"))

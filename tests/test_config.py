@@ -7,17 +7,7 @@ import pytest
 from wsss.cli.main import build_parser, main
 from wsss.errors import ConfigError
 from wsss.methods import REGISTRY
-from wsss.train.config import DEFAULTS, dump_config, load_config, parse_override, parse_yaml, preset_names
-
-
-def _flatten(cfg: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+from wsss.train.config import DEFAULTS, dump_config, flatten, load_config, parse_override, parse_yaml, preset_names
 
 
 def test_overrides_are_parsed_as_yaml():
@@ -94,12 +84,12 @@ def test_bad_values_stop_wsss_train_before_it_starts(tmp_path, capsys):
 
 
 def test_a_good_override_changes_exactly_that_key():
-    base = _flatten(load_config("demo"))
+    base = flatten(load_config("demo"))
     cases = [("optim.lr=3e-4", "optim.lr", 3e-4), ("data.transforms.crop=[96, 64]", "data.transforms.crop", [96, 64]),
              ("val.limit=7", "val.limit", 7), ("train.grad_clip=1.5", "train.grad_clip", 1.5),
              ("device=cuda:1", "device", "cuda:1")]
     for override, key, value in cases:
-        changed = _flatten(load_config("demo", [override]))
+        changed = flatten(load_config("demo", [override]))
         assert changed[key] == value
         assert {k for k in base if base[k] != changed[k]} == {key}, override
 
@@ -163,10 +153,10 @@ def test_file_then_overrides_in_order(tmp_path):
 def test_every_shipped_preset_loads_and_validates():
     names = preset_names()
     assert "demo" in names and set(REGISTRY.presets()) <= set(names)
-    shape = {key for key in _flatten(DEFAULTS) if not key.startswith("method.")}
+    shape = {key for key in flatten(DEFAULTS) if not key.startswith("method.")}
     for name in names:
         cfg = load_config(name)
-        assert {key for key in _flatten(cfg) if not key.startswith("method.")} == shape, name
+        assert {key for key in flatten(cfg) if not key.startswith("method.")} == shape, name
         assert set(cfg["method"]) == {"name", *REGISTRY.get(cfg["method"]["name"]).options.model_fields}, name
     demo = load_config("demo")
     assert demo["model"]["name"] == "vit_pico_patch8" and demo["optim"]["lr"] == 1e-3
@@ -188,7 +178,7 @@ def test_print_config_shows_every_key_and_reloads_to_the_same_dict(tmp_path, cap
     path.write_text(printed)
     cfg = load_config("getam_voc", ["optim.lr=0.01"])
     assert load_config(path) == cfg
-    assert set(_flatten(parse_yaml(printed))) == set(_flatten(cfg))
+    assert set(flatten(parse_yaml(printed))) == set(flatten(cfg))
     assert "authors_sgd_quirk" in printed and "grad_power" in printed
 
 
@@ -201,7 +191,7 @@ def test_train_command_line():
 
 
 def test_a_bad_device_is_a_config_error():
-    from wsss.train.engine import pick_device
+    from wsss.device import resolve_device
     with pytest.raises(ConfigError, match="device"):
-        pick_device("gpu")
-    assert pick_device("cpu").type == "cpu"
+        resolve_device("gpu")
+    assert resolve_device("cpu").type == "cpu"

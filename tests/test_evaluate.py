@@ -55,6 +55,28 @@ def test_hand_computed_example(kind):
     assert m["confusion_matrix"].dtype == np.int64
 
 
+@pytest.mark.parametrize("kind", ["uint8", "int64", "torch"])
+def test_unlabelled_predictions_are_left_out_and_counted(kind):
+    # A pseudo label leaves pixels (0, 1) and (1, 0) unlabelled (255), and (1, 2) where the gt is ignored too.
+    # Kept (gt, pred): (0,0) (1,1) (2,1) -> rows = gt [[1,0,0],[0,1,0],[0,1,0]]; coverage 3 of 5 labelled gt pixels.
+    pred = np.array([[0, 255, 1], [255, 1, 255]])
+    cm = ConfusionMatrix(3)
+    cm.update(_as(kind, pred), _as(kind, GT))
+    np.testing.assert_array_equal(cm.matrix, [[1, 0, 0], [0, 1, 0], [0, 1, 0]])
+    assert cm.unlabelled == 2
+    m = cm.compute()
+    assert m["coverage"] == pytest.approx(3 / 5)
+    np.testing.assert_allclose(m["iou"], [1.0, 0.5, 0.0])  # over the labelled pixels only
+    assert ConfusionMatrix(3).compute()["coverage"] != ConfusionMatrix(3).compute()["coverage"]  # NaN: nothing seen
+    full = ConfusionMatrix(3)
+    full.update(_as(kind, PRED), _as(kind, GT))
+    assert full.compute()["coverage"] == 1.0
+    # Merging and all_reduce keep the count; other out-of-range values are still refused.
+    assert (cm + full).unlabelled == 2 and (cm + full).compute()["coverage"] == pytest.approx(8 / 10)
+    with pytest.raises(ValueError, match="prediction"):
+        cm.update(_as(kind, np.array([[0, 7, 1], [1, 1, 1]])), _as(kind, GT))
+
+
 def test_any_shape_and_torch_matches_numpy():
     rng = np.random.default_rng(0)
     gt = rng.integers(0, 5, size=(2, 3, 7, 9))

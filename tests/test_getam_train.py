@@ -157,3 +157,10 @@ def test_saliency_options_are_checked():
     objective = _objective(cls_steps=0, saliency_loss=True)
     with pytest.raises(ConfigError):
         objective(_model(objective), _batch(), 0)  # no saliency maps in the batch
+
+
+def test_start_layer_out_of_range_is_refused_when_the_model_is_built():
+    objective = _objective(start_layer=4)  # vit_nano_patch16 has 4 blocks: 0..3 (or -4..-1)
+    with pytest.raises(ConfigError, match=r"start_layer 4 is out of range for a 4-block model"):
+        _model(objective)
+    _model(_objective(start_layer=-4))

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from ..device import DEVICE_NAME, resolve_device
 from ..errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -23,45 +23,37 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _number(text: str, cast: type, ok: Callable[[float], bool], requirement: str) -> Any:
+    """``text`` as a ``cast`` number meeting ``requirement`` (checked by ``ok``), else an argparse error."""
+    try:
+        value = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if cast is int else 'a number'}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _number(text, int, lambda v: v >= 1, ">= 1")
 
 
 def non_negative_int(text: str) -> int:
     """An argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _number(text, int, lambda v: v >= 0, ">= 0")
 
 
 def positive_float(text: str) -> float:
     """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a finite number > 0")
 
 
 def device_name(text: str) -> str:
     """An argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
-    if not _DEVICE.fullmatch(text):
+    if not DEVICE_NAME.fullmatch(text):
         raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
     return text
 
@@ -70,21 +62,6 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     """``--device`` (default ``auto``: CUDA when available, else the CPU)."""
     parser.add_argument("--device", type=device_name, default="auto",
                         help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
-
-
-def resolve_device(name: str) -> "torch.device":
-    """The torch device ``name`` means; CUDA asked for on a machine without it is a ConfigError."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device_name(name))
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: no CUDA device is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
-    return device
 
 
 def add_normalization(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from ..device import DEVICE_NAME
 from ..errors import ConfigError
 
 DEFAULT_METHOD = "baseline"
@@ -251,7 +252,7 @@ class TrainingConfig(_Section):
     @field_validator("device")
     @classmethod
     def _device_name(cls, device: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        if not DEVICE_NAME.fullmatch(device):
             raise PydanticCustomError("device", "should be auto, cpu, cuda or cuda:N")
         return device
 
@@ -431,6 +432,17 @@ class _Dumper(yaml.SafeDumper):
 
 _Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data,
                                                                              flow_style=True))
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"a.b.c": value}`` (how resumed runs report their changed settings)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def dump_config(cfg: dict) -> str:

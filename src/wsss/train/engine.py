@@ -31,13 +31,14 @@ from tqdm import tqdm
 
 from ..data.transforms import build_transforms
 from ..data.voc import VOCDataset, collate
+from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, WSSSError
 from ..methods import get_method
 from ..models import create_model, load_into
 from ..models.checkpoint import MODEL_FILE, describe, save
 from ..models.weights import load_state_dict
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
-from .config import dump_config, parse_yaml
+from .config import dump_config, flatten, parse_yaml
 from .distributed import DistInfo, all_gather_objects, all_reduce_mean, barrier, init_distributed, shutdown
 from .objectives import build_objective
 from .optim import build_optimizer, build_scheduler
@@ -52,18 +53,6 @@ class TrainingDiverged(WSSSError):
     """The loss or the gradients became NaN or infinite; the last good checkpoint is kept."""
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU; asking for CUDA without one is a ConfigError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for, but no CUDA device is available")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"device must be auto, cpu or cuda, got {name!r}") from exc
-
-
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and CUDA), Python's ``random`` and NumPy's global generator."""
     torch.manual_seed(seed)
@@ -76,16 +65,6 @@ def worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def _flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 class Trainer:
     """Builds everything from a config (see :mod:`.config`) and runs the loop with :meth:`fit`."""
 
@@ -94,7 +73,7 @@ class Trainer:
         data, m, t = cfg["data"], cfg["model"], cfg["train"]
         if not data["root"]:
             raise ConfigError("data.root is not set (give data.root=PATH)")
-        device = pick_device(cfg["device"])
+        device = resolve_device(cfg["device"], "config key 'device'")
         self.dist: DistInfo = init_distributed(device)
         self.device = torch.device("cuda", self.dist.local_rank) if device.type == "cuda" else device
         self.run_dir = Path(cfg["run_dir"])
@@ -181,7 +160,7 @@ class Trainer:
             raise ConfigError(f"{self.run_dir} already holds a training run; pass --resume to continue it, or "
                               f"choose another run_dir")
         if resumed and config_file.is_file() and self.dist.is_main:
-            old, new = _flatten(parse_yaml(config_file.read_text()) or {}), _flatten(self.cfg)
+            old, new = flatten(parse_yaml(config_file.read_text()) or {}), flatten(self.cfg)
             changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
             if changed:
                 log.warning("resuming with changed settings: %s",

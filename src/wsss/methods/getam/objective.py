@@ -76,6 +76,10 @@ class GETAMObjective:
 
     def build_model(self, backbone: VisionTransformer) -> SegmentationModel:
         """The backbone (classifier kept) plus a decoder with one channel per dataset label."""
+        layer = self.options.start_layer
+        if layer is not None and not -backbone.depth <= layer < backbone.depth:
+            raise ConfigError(f"method.start_layer {layer} is out of range for a {backbone.depth}-block model "
+                              f"(use 0..{backbone.depth - 1})")
         return build_segmenter(backbone, self.classes, self.options)
 
     def in_segmentation_phase(self, step: int) -> bool:
