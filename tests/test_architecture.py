@@ -83,3 +83,14 @@ def test_stages_do_not_import_the_methods():
         if name.split(".")[1:2] and name.split(".")[1] in ("data", "models", "refine", "evaluate"):
             offending = sorted(t for t in targets if t.startswith("wsss.methods.") and t != "wsss.methods.registry")
             assert not offending, f"{name} imports {offending}"
+
+
+def test_readme_documents_every_registered_method_and_map():
+    """The docs follow the registry: each built-in method and map formula has its row in the README."""
+    from wsss.methods import REGISTRY
+
+    readme = (SRC.parents[1] / "README.md").read_text()
+    for name in REGISTRY.maps():
+        assert f"| `{name}` |" in readme, f"map {name!r} has no row in the README's table"
+    for method in REGISTRY:
+        assert f"`{method.name}`" in readme, f"method {method.name!r} is not named in the README"
