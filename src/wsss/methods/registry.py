@@ -82,7 +82,8 @@ class Method:
         summary: one line for help texts and ``wsss methods``.
         maps: the localisation-map formulas the method contributes, name -> :class:`~wsss.localize.Localizer`
             subclass (may be empty, e.g. for the segmentation stage).
-        own_map: the map the method is judged by (a key of some method's ``maps``), None for a non-WSSS stage.
+        own_map: the map the method is judged by (a key of some method's ``maps``); left out, the map named like
+            the method if it has one, else None (a non-WSSS stage).
         objective: the training objective factory, None for a map-only method.
         options: the typed options of the objective (a :class:`MethodOptions` subclass).
         pseudo: the default pseudo-label recipe, None when the method makes no pseudo labels.
@@ -101,6 +102,10 @@ class Method:
     presets: Traversable | None = None
     paper: str = ""
     aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.own_map is None and self.name in self.maps:  # getam, acr, aream: the method's map is its name
+            object.__setattr__(self, "own_map", self.name)
 
     def preset_names(self) -> list[str]:
         """The names of this method's presets."""

@@ -9,7 +9,6 @@ METHOD = register_method(Method(
     name="acr",
     summary="all-pairs attention consistency between two views; class-token-gradient maps with affinity",
     maps={"acr": ACR},
-    own_map="acr",
     objective=ACRObjective,
     options=ACROptions,
     # The maps already carry ACR's affinity refinement; PSA's background (1 - max)^alpha then a dense CRF is the

@@ -9,7 +9,6 @@ METHOD = register_method(Method(
     name="aream",
     summary="shallow-layer affinity supervises deep-layer attention; CAM refined by the attention affinity",
     maps={"aream": AReAM},
-    own_map="aream",
     objective=AReAMObjective,
     options=AReAMOptions,
     pseudo=PseudoRecipe(rule="two_thresholds", params={"high": 0.55, "low": 0.35}, refine="par", scale=0.5,

@@ -9,7 +9,6 @@ METHOD = register_method(Method(
     name="getam",
     summary="gradient-weighted element-wise attention maps; end-to-end training with a double backward pass",
     maps={"getam": GETAM},
-    own_map="getam",
     objective=GETAMObjective,
     options=GETAMOptions,
     pseudo=PseudoRecipe(rule="completion", params={"cut_threshold": 0.9}, refine="pamr"),
