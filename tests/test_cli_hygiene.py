@@ -114,7 +114,7 @@ def test_methods_json_lists_the_methods_with_their_options(capsys):
     assert set(entries["getam"]["options"]) == set(REGISTRY.get("getam").options.model_fields)
     assert entries["aream"]["pseudo"]["rule"] == "two_thresholds"
     assert entries["baseline"]["own_map"] == "cam" and entries["baseline"]["aliases"] == ["classification"]
-    assert entries["baseline"]["presets"] == ["baseline_camvid"]
+    assert {"baseline_camvid", "baseline_demo"} <= set(entries["baseline"]["presets"])
     assert main(["methods"]) == 0
     text = capsys.readouterr().out
     assert "alpha: float = 125.0" in text and "cam (own)" in text
@@ -216,3 +216,59 @@ def test_predict_takes_the_spec_and_a_limit(tmp_path, capsys, caplog):
     assert main(["predict", "--checkpoint", str(classifier), "--data", str(data), "--split", "val",
                  "--out", str(tmp_path / "none")]) == EX_ERROR
     assert "is a classifier" in capsys.readouterr().err
+
+
+def _usage(command: str, tmp_path) -> list[str]:
+    """The required arguments of ``command``, pointing at ``tmp_path`` (never read: a bad value stops the parse)."""
+    d = str(tmp_path)
+    return {
+        "cam": ["cam", "--checkpoint", d, "--data", d, "--split", "val", "--out", d],
+        "pseudo": ["pseudo", "--maps", d, "--data", d, "--split", "val", "--out", d],
+        "pseudo-rule": ["pseudo", "--maps", d, "--data", d, "--split", "val", "--out", d, "--bg-threshold", "0.5"],
+        "eval": ["eval", "--data", d, "--split", "val", "--pred", d],
+        "eval-sweep": ["eval", "--data", d, "--split", "val", "--pred", d, "--sweep"],
+        "check-data": ["check-data", "--data", d, "--split", "val"],
+        "prepare-voc": ["prepare", "voc", "--voc", d, "--sbd", d, "--out", d],
+        "prepare-coco": ["prepare", "coco", "--coco", d],
+        "upgrade": ["upgrade-checkpoint", d, "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5"],
+    }[command]
+
+
+@pytest.mark.parametrize("command, bad", [
+    ("cam", ["--threshold", "1.5"]),
+    ("cam", ["--threshold", "nan"]),
+    ("cam", ["--start-layer", "1.5"]),
+    ("pseudo", ["--bg-threshold", "-0.1"]),
+    ("pseudo", ["--two-thresholds", "0.55", "1.2"]),
+    ("pseudo", ["--psa-alpha", "0"]),
+    ("pseudo-rule", ["--scale", "0"]),
+    ("pseudo-rule", ["--scale", "1.5"]),
+    ("pseudo-rule", ["--cut-threshold", "2"]),
+    ("pseudo-rule", ["--affinity-power", "-1"]),
+    ("eval", ["--threshold", "nan"]),
+    ("eval-sweep", ["--thresholds", "0", "inf", "0.1"]),
+    ("check-data", ["--max-pixels", "0"]),
+    ("check-data", ["--workers", "-1"]),
+    ("check-data", ["--max-problems", "-2"]),
+    ("prepare-voc", ["--workers", "-1"]),
+    ("prepare-coco", ["--year", "0"]),
+    ("upgrade", ["--mean", "0.5", "nan", "0.5"]),
+    ("upgrade", ["--std", "0.5", "0", "0.5"]),
+])
+def test_out_of_range_values_are_usage_errors_naming_the_flag(command, bad, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*_usage(command, tmp_path), *bad])
+    assert info.value.code == EX_USAGE
+    assert f"argument {bad[0]}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, good", [
+    ("cam", ["--threshold", "0", "--start-layer", "0"]),
+    ("cam", ["--threshold", "1", "--start-layer", "-1"]),  # a negative block counts from the last
+    ("pseudo-rule", ["--scale", "1", "--affinity-power", "0.5"]),
+    ("eval-sweep", ["--thresholds", "0", "1", "0.01"]),
+    ("check-data", ["--max-pixels", "1000", "--workers", "0", "--max-problems", "0"]),
+])
+def test_in_range_values_parse(command, good, tmp_path):
+    args = build_parser([_usage(command, tmp_path)[0]]).parse_args([*_usage(command, tmp_path), *good])
+    assert callable(args.func)

@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from wsss.cli.main import main
 from wsss.data.io import load_maps
@@ -26,7 +27,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     data = make_synthetic(root / "data", num_train=24, num_val=6, size=32, num_classes=3, seed=1)
     run = root / "run"
-    assert main(["train", "--config", "demo", f"data.root={data}", f"run_dir={run}", "train.steps=6",
+    assert main(["train", "--config", "baseline_demo", f"data.root={data}", f"run_dir={run}", "train.steps=6",
                  "data.batch_size=4", "data.num_workers=0", "data.transforms.crop=32", "model.name=vit_nano_patch16",
                  "train.ckpt_every=3", "train.log_every=2"]) == 0
     return data, run
@@ -37,7 +38,7 @@ def trained_imagenet(trained, tmp_path_factory):
     """The same tiny run, trained with ImageNet statistics."""
     data, _ = trained
     run = tmp_path_factory.mktemp("imagenet") / "run"
-    assert main(["train", "--config", "demo", f"data.root={data}", f"run_dir={run}", "train.steps=2",
+    assert main(["train", "--config", "baseline_demo", f"data.root={data}", f"run_dir={run}", "train.steps=2",
                  "data.batch_size=4", "data.num_workers=0", "data.transforms.crop=32", "model.name=vit_nano_patch16",
                  f"data.transforms.mean={IMAGENET_MEAN}", f"data.transforms.std={IMAGENET_STD}"]) == 0
     return data, run
@@ -59,7 +60,9 @@ def test_cam_then_eval_equals_in_memory_validation(trained, tmp_path):
     in_memory = maps_miou(model, VOCDataset(data, "val"), "getam", thresholds=(0.3, 0.305, 0.01))
     assert from_files["miou"] == pytest.approx(in_memory["miou"], abs=1e-6)
     swept = evaluate_split(data, "val", out, sweep=True, progress=False)
-    assert swept["miou"] >= from_files["miou"] - 1e-9  # the sweep includes 0.30
+    # The sweep includes 0.30; it reads the float16 maps of the .npz files, the labels came from the float32 maps,
+    # so a pixel within float16 rounding of the threshold may flip.
+    assert swept["miou"] >= from_files["miou"] - 1e-3
 
     # A second run finds every image done and rewrites nothing.
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npz")}
@@ -147,18 +150,38 @@ def test_cam_rejects_a_checkpoint_of_another_dataset(trained, tmp_path, capsys):
     assert "classes" in capsys.readouterr().err
 
 
-def test_demo_writes_report_and_results(tmp_path):
+def test_demo_runs_the_pipeline_and_writes_report_and_results(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "4", "--num-train", "40", "--num-val", "4"]) == 0
-    results = json.loads((out / "results.json").read_text())["methods"]
+    assert main(["demo", "--out", str(out), "--steps", "3", "--num-train", "40", "--num-val", "4"]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    results = payload["methods"]
     assert set(results) == set(REGISTRY.maps()) >= {"cam", "gradcam", "rollout", "getam", "acr", "aream"}
     for r in results.values():
         assert 0.0 <= r["miou"] <= 1.0
-    report = (out / "report.md").read_text()
-    assert all(f"overlay_{m}.png" in report for m in results)
-    assert all((out / f"overlay_{m}.png").is_file() for m in results)
+    pipeline = payload["pipeline"]
+    assert set(pipeline["methods"]) == {"baseline", "acr", "aream", "getam"}
+    for row in pipeline["methods"].values():
+        assert 0.0 <= row["seed_train"] <= 1.0 and 0.0 <= row["seed_eval"] <= 1.0
+        assert 0.0 <= row["pseudo_train"]["miou"] <= 1.0 and 0.0 < row["pseudo_train"]["coverage"] <= 1.0
+    best = pipeline["settings"]["segmented"]
+    assert 0.0 <= pipeline["methods"][best]["segment_eval"] <= 1.0
+    # The paper methods continued from the baseline's classifier: same architecture, different weights.
+    base, _ = checkpoint.load(out / "runs" / "baseline" / "train")
+    acr, _ = checkpoint.load(out / "runs" / "acr" / "train")
+    assert not torch.equal(base.blocks[0].attn.qkv.weight, acr.blocks[0].attn.qkv.weight)
     # The table reports what an independent evaluation of the same model gives.
-    model, _ = checkpoint.load(out / "train" / "model.safetensors")
-    again = maps_miou(model, VOCDataset(out / "data", "val"), "rollout", scales=[2.0], flip=True)
+    again = maps_miou(base, VOCDataset(out / "data", "val"), "rollout", scales=[2.0], flip=False)
     assert results["rollout"]["miou"] == pytest.approx(again["miou"], abs=1e-9)
-    assert np.isfinite([r["seconds_per_image"] for r in results.values()]).all()
+    assert results["cam"]["miou"] == pipeline["maps"]["baseline"]["cam"] == pipeline["methods"]["baseline"]["seed_eval"]
+    report = (out / "report.md").read_text()
+    for picture in ["maps_baseline.png", "maps_acr.png", "maps_aream.png", "maps_getam.png", "pseudo_labels.png",
+                    "segmentation.png"]:
+        assert f"]({picture})" in report and (out / picture).is_file()
+    assert "## Next" in report and "wsss pseudo --method" in report
+    # Every tile is at least 192 px: the picture of 3 rows is taller than 3 tiles.
+    from PIL import Image
+
+    assert Image.open(out / "maps_baseline.png").size[1] > 3 * 192
+    # A rerun resumes (nothing to do); other settings in the same folder are refused.
+    assert main(["demo", "--out", str(out), "--steps", "3", "--num-train", "40", "--num-val", "4"]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "5", "--num-train", "40", "--num-val", "4"]) == 2

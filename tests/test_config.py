@@ -12,13 +12,13 @@ from wsss.train.config import DEFAULTS, dump_config, flatten, load_config, parse
 
 def test_overrides_are_parsed_as_yaml():
     cfg = load_config(None, ["optim.lr=1e-4", "val.scales=[1, 0.5]", "model.weights=null", "train.amp=true",
-                             "train.grad_clip=2", "optim.min_lr=2.5E-3", "run_dir=runs/a=b", "data.split=val"])
+                             "train.grad_clip=2", "optim.min_lr=2.5E-5", "run_dir=runs/a=b", "data.split=val"])
     assert cfg["optim"]["lr"] == 1e-4 and isinstance(cfg["optim"]["lr"], float)
     assert cfg["val"]["scales"] == [1.0, 0.5]
     assert cfg["model"]["weights"] is None
     assert cfg["train"]["amp"] is True
     assert cfg["train"]["grad_clip"] == 2.0 and isinstance(cfg["train"]["grad_clip"], float)  # ints pass for floats
-    assert cfg["optim"]["min_lr"] == 2.5e-3
+    assert cfg["optim"]["min_lr"] == 2.5e-5
     assert cfg["run_dir"] == "runs/a=b"  # only the first '=' separates key and value
     assert cfg["data"]["split"] == "val"
 
@@ -75,7 +75,8 @@ def test_every_problem_is_one_line():
 
 
 def test_bad_values_stop_wsss_train_before_it_starts(tmp_path, capsys):
-    code = main(["train", "--config", "demo", f"data.root={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'run'}",
+    code = main(["train", "--config", "baseline_demo", f"data.root={tmp_path / 'nowhere'}",
+                 f"run_dir={tmp_path / 'run'}",
                  "train.log_every=0", "train.grad_clip=fast"])
     assert code == 2
     err = capsys.readouterr().err
@@ -84,12 +85,12 @@ def test_bad_values_stop_wsss_train_before_it_starts(tmp_path, capsys):
 
 
 def test_a_good_override_changes_exactly_that_key():
-    base = flatten(load_config("demo"))
+    base = flatten(load_config("baseline_demo"))
     cases = [("optim.lr=3e-4", "optim.lr", 3e-4), ("data.transforms.crop=[96, 64]", "data.transforms.crop", [96, 64]),
              ("val.limit=7", "val.limit", 7), ("train.grad_clip=1.5", "train.grad_clip", 1.5),
              ("device=cuda:1", "device", "cuda:1")]
     for override, key, value in cases:
-        changed = flatten(load_config("demo", [override]))
+        changed = flatten(load_config("baseline_demo", [override]))
         assert changed[key] == value
         assert {k for k in base if base[k] != changed[k]} == {key}, override
 
@@ -152,13 +153,13 @@ def test_file_then_overrides_in_order(tmp_path):
 
 def test_every_shipped_preset_loads_and_validates():
     names = preset_names()
-    assert "demo" in names and set(REGISTRY.presets()) <= set(names)
+    assert "baseline_demo" in names and set(REGISTRY.presets()) <= set(names)
     shape = {key for key in flatten(DEFAULTS) if not key.startswith("method.")}
     for name in names:
         cfg = load_config(name)
         assert {key for key in flatten(cfg) if not key.startswith("method.")} == shape, name
         assert set(cfg["method"]) == {"name", *REGISTRY.get(cfg["method"]["name"]).options.model_fields}, name
-    demo = load_config("demo")
+    demo = load_config("baseline_demo")
     assert demo["model"]["name"] == "vit_pico_patch8" and demo["optim"]["lr"] == 1e-3
     assert load_config() == DEFAULTS
 
@@ -184,9 +185,10 @@ def test_print_config_shows_every_key_and_reloads_to_the_same_dict(tmp_path, cap
 
 def test_train_command_line():
     parser = build_parser(["train"])
-    args = parser.parse_args(["train", "--config", "demo", "optim.lr=1e-4", "--resume", "--local-rank", "1"])
+    args = parser.parse_args(["train", "--config", "baseline_demo", "optim.lr=1e-4", "--resume", "--local-rank",
+                              "1"])
     assert args.overrides == ["optim.lr=1e-4"] and args.resume is True and args.local_rank == 1
-    args = parser.parse_args(["train", "--config", "demo", "--local_rank=0"])
+    args = parser.parse_args(["train", "--config", "baseline_demo", "--local_rank=0"])
     assert args.resume is False and args.local_rank == 0 and args.print_config is False
 
 

@@ -291,13 +291,20 @@ def test_predict_cli_writes_labels_and_resumes(trained, synth, tmp_path):
         image = torch.from_numpy(ds.load_image(i)).permute(2, 0, 1).float() / 255
         probs = predict_probs(model, ((image - 0.5) / 0.5)[None], scales=(1.0, 0.75), flip=True)[0]
         np.testing.assert_array_equal(read_mask(out / f"{image_id}.png"), probs.argmax(0).numpy())
-    # Resume: an existing PNG is kept as it is, a missing one is written again.
+    # Resume with the same settings: a PNG the manifest lists is kept as it is, a missing one is written again, and
+    # one replaced behind the manifest's back (the sentinel) is not trusted: it is recomputed.
+    expected = {image_id: (out / f"{image_id}.png").read_bytes() for image_id in ds.ids}
+    kept = (out / f"{ds.ids[2]}.png").stat().st_mtime_ns
     sentinel = np.full((64, 64), 4, np.uint8)
     write_mask(out / f"{ds.ids[0]}.png", sentinel)
     (out / f"{ds.ids[1]}.png").unlink()
-    assert _predict(*common, "--device", "cpu") == 0
-    np.testing.assert_array_equal(read_mask(out / f"{ds.ids[0]}.png"), sentinel)
-    assert (out / f"{ds.ids[1]}.png").is_file()
+    assert _predict(*common, "--scales", "1.0", "0.75", "--flip", "--device", "cpu") == 0
+    assert {image_id: (out / f"{image_id}.png").read_bytes() for image_id in ds.ids} == expected
+    assert (out / f"{ds.ids[2]}.png").stat().st_mtime_ns == kept
+    # Other settings into the same folder are an error naming them, until --overwrite.
+    assert _predict(*common, "--device", "cpu") == 2
+    assert _predict(*common, "--device", "cpu", "--overwrite") == 0
+    assert json.loads((out / "wsss-manifest.json").read_text())["settings"]["scales"] == [1.0]
 
 
 def test_predict_with_crf(trained, synth, tmp_path):

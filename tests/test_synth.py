@@ -208,3 +208,43 @@ def test_cli(tmp_path, capsys):
     bad = parser.parse_args(["synth", "--out", str(tmp_path / "bad"), "--classes", "0"])
     with pytest.raises(ConfigError, match="num_classes"):
         bad.func(bad)
+
+
+def test_parts_and_plain_are_off_by_default_and_draw_nothing_extra():
+    """At 0 the new options consume no random numbers: the images are those of the generator without them."""
+    for i in range(5):
+        a = render_scene(np.random.default_rng([4, i]), 48, 4)
+        b = render_scene(np.random.default_rng([4, i]), 48, 4, parts=0.0, plain=0.0)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_shared_part_is_labelled_as_the_object_and_painted_the_same_for_every_class():
+    from wsss.data.synth import SHARED_PART, _object_frame
+
+    seen = set()
+    for i in range(30):
+        image, mask, info = render_scene(np.random.default_rng([7, i]), 96, 4, max_objects=1, parts=0.4)
+        obj = info["objects"][0]
+        inside = shape_mask(obj["shape"], 96, 96, obj["cy"], obj["cx"], obj["radius"], obj["angle"])
+        u, _ = _object_frame(96, 96, obj["cy"], obj["cx"], obj["radius"], obj["angle"])
+        shared = inside & (u > 1.0 - 2 * 0.4)
+        assert np.all(mask[inside] == obj["label"])  # the mask covers both parts
+        if shared.sum() < 20:
+            continue
+        # The shared part is drawn in the two shared colours (up to the image noise), whatever the class.
+        pixels = image[shared].astype(float)
+        dist = np.minimum(*(np.abs(pixels - np.array(c)).max(axis=1) for c in SHARED_PART))
+        assert np.mean(dist < 25) > 0.9
+        seen.add(obj["label"])
+    assert len(seen) >= 3
+
+
+def test_plain_backgrounds():
+    scenes = [render_scene(np.random.default_rng([8, i]), 48, 4, plain=1.0) for i in range(6)]
+    for image, mask, info in scenes:
+        assert info["background"] == "plain"
+        background = image[mask == 0].astype(float)
+        assert background.std(axis=0).max() < 8  # nearly uniform (noise only)
+    with pytest.raises(ConfigError, match="parts"):
+        make_synthetic("/nonexistent", num_train=1, num_val=0, parts=1.0)

@@ -306,8 +306,10 @@ def test_checkpoint_of_another_architecture_is_refused(synth, tmp_path):
     run = tmp_path / "run"
     Trainer(load_config(None, tiny_overrides(synth, run, "train.steps=1"))).fit()
     other = load_config(None, tiny_overrides(synth, run, "train.steps=2", "model.name=vit_pico_patch8"))
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(ConfigError, match="model.name: 'vit_nano_patch16' -> 'vit_pico_patch8'"):
         Trainer(other).fit(resume=True)
+    with pytest.raises(CheckpointError) as info:  # allowed changes still need weights that fit
+        Trainer(other).fit(resume=True, allow_changes=True)
     message = str(info.value)
     assert "model.safetensors" in message and "missing keys" in message and "blocks.4.attn.qkv.weight" in message
     assert "shape mismatch for pos_embed" in message
@@ -432,22 +434,75 @@ def test_grad_clip_bounds_the_gradient_and_the_step(synth, tmp_path):
     assert moved[None] > 10 * moved[1e-3]
 
 
-def test_resume_with_changed_settings_warns_with_key_and_values(synth, tmp_path, caplog):
+def test_resume_with_changed_settings_is_refused_unless_allowed_and_then_logged(synth, tmp_path, caplog):
     run = tmp_path / "run"
     Trainer(load_config(None, tiny_overrides(synth, run, "train.steps=2", "train.ckpt_every=2"))).fit()
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.jsonl", "train.log")}
     changed = load_config(run / "config.yaml", ["train.steps=3", "optim.lr=0.002"])
-    with caplog.at_level(logging.WARNING, logger="wsss"):
+    # What the run learns changed: refused, naming the key and both values, before the run folder is touched.
+    with pytest.raises(ConfigError) as info:
         Trainer(changed).fit(resume=True)
-    [warning] = [r.getMessage() for r in caplog.records if "changed settings" in r.getMessage()]
-    assert "optim.lr: 0.001 -> 0.002" in warning and "train.steps: 2 -> 3" in warning
-    assert "data.batch_size" not in warning  # only what changed
-    # Resuming with the same settings says nothing of the kind.
+    message = str(info.value)
+    assert "optim.lr: 0.001 -> 0.002" in message and "--allow-changes" in message
+    assert "train.steps" not in message  # a longer run is no change of what is learnt
+    assert {name: (run / name).read_bytes() for name in before} == before
+    # Allowed: the changes are logged into train.log, the optimiser starts afresh with the new learning rate.
+    with caplog.at_level(logging.INFO, logger="wsss"):
+        trainer = Trainer(changed)
+        trainer.fit(resume=True, allow_changes=True)
+    log_text = (run / "train.log").read_text()
+    assert "changed settings (--allow-changes): optim.lr: 0.001 -> 0.002" in log_text
+    assert "changed settings: train.steps: 2 -> 3" in log_text and "optimiser state starts afresh" in log_text
+    assert log_text.index("resumed from") < log_text.index("--allow-changes")
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.002 * lr_factor(3, 3, changed["optim"]))
+    assert load_config(run / "config.yaml") == changed
+    # Resuming with the same settings, only longer, needs no flag and says only that.
     caplog.clear()
-    same = load_config(run / "config.yaml", ["train.steps=4"])
-    with caplog.at_level(logging.WARNING, logger="wsss"):
-        Trainer(same).fit(resume=True)
-    [warning] = [r.getMessage() for r in caplog.records if "changed settings" in r.getMessage()]
-    assert warning.endswith("train.steps: 3 -> 4")
+    with caplog.at_level(logging.INFO, logger="wsss"):
+        Trainer(load_config(run / "config.yaml", ["train.steps=4"])).fit(resume=True)
+    [note] = [r.getMessage() for r in caplog.records if "changed settings" in r.getMessage()]
+    assert note.endswith("train.steps: 3 -> 4") and "--allow-changes" not in note
+
+
+def test_resume_with_another_optimiser_is_a_named_error_or_a_fresh_state(synth, tmp_path):
+    run = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides(synth, run, "train.steps=2", "train.ckpt_every=2"))).fit()
+    sgd = load_config(run / "config.yaml", ["train.steps=3", "optim.name=sgd"])
+    with pytest.raises(ConfigError, match="optim.name: 'adamw' -> 'sgd'"):
+        Trainer(sgd).fit(resume=True)
+    Trainer(sgd).fit(resume=True, allow_changes=True)  # no KeyError: 'momentum' at the first step
+    assert json.loads((run / "summary.json").read_text())["step"] == 3
+    # A training state of another optimiser, whatever the config says, is named too.
+    trainer = Trainer(load_config(run / "config.yaml", ["train.steps=4", "optim.name=adamw"]))
+    with pytest.raises(CheckpointError, match="state.pt: holds the state of another optimiser .*betas"):
+        trainer.resume()  # the loading itself, without the settings check of fit()
+    assert trainer.resume(allow_changes=True) and trainer.step == 3
+    assert "starting a fresh optimiser state" in trainer.notes[-1][1]
+
+
+def test_config_and_run_files_replace_symlinks_instead_of_writing_through_them(synth, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    outside = {name: tmp_path / f"outside_{name}" for name in ("config.yaml", "train.log", "summary.json")}
+    for name, target in outside.items():
+        target.write_text("keep me\n")
+        (run / name).symlink_to(target)
+    (run / "model.safetensors").symlink_to(tmp_path / "outside_model")
+    cfg = load_config(None, tiny_overrides(synth, run, "train.steps=2", "train.ckpt_every=2"))
+    Trainer(cfg).fit()
+    for name, target in outside.items():
+        assert target.read_text() == "keep me\n", name
+        assert not (run / name).is_symlink() and (run / name).is_file(), name
+    assert load_config(run / "config.yaml") == cfg
+    assert not (tmp_path / "outside_model").exists() and not (run / "model.safetensors").is_symlink()
+    # metrics.jsonl, rewritten on resume, is the run's own file too.
+    target = tmp_path / "outside_metrics"
+    target.write_bytes((run / "metrics.jsonl").read_bytes())
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(target)
+    Trainer(load_config(run / "config.yaml", ["train.steps=3"])).fit(resume=True)
+    assert not (run / "metrics.jsonl").is_symlink() and len(target.read_text().splitlines()) == 1
+    assert [m["step"] for m in metric_lines(run)] == [2, 3]
 
 
 # ------------------------------------------------------------------------------------------ optimiser, lr

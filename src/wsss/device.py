@@ -26,7 +26,10 @@ def resolve_device(name: str, what: str = "--device") -> "torch.device":
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"{what} {name}: no CUDA device is available")
+            raise ConfigError(f"{what} {name}: no CUDA device is available (torch {torch.__version__}, "
+                              f"{'a CPU-only build' if torch.version.cuda is None else 'CUDA ' + torch.version.cuda}); "
+                              f"use cpu or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"{what} {name}: there are {torch.cuda.device_count()} CUDA devices")
+            raise ConfigError(f"{what} {name}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 to "
+                              f"cuda:{torch.cuda.device_count() - 1}); use one of them, cuda or auto")
     return device

@@ -1,7 +1,10 @@
 """``wsss cam``: localisation maps for every image of a split (and label PNGs given a background threshold).
 
 The normalisation and the class list come from the checkpoint; a segmentation checkpoint is localised through its
-encoder (the ViT with its classifier). Images whose outputs exist are skipped, so an interrupted run resumes.
+encoder (the ViT with its classifier). ``OUT/wsss-manifest.json`` records what made the folder (the checkpoint's
+sha256, the map and its options, the views, the threshold, the dataset) and the files written: a rerun with the same
+settings skips the images whose files it lists, so an interrupted run resumes; other settings are an error unless
+``--overwrite``; a file it does not list is recomputed.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import torch
 from tqdm import tqdm
 
 from ..data.io import save_maps, write_mask
+from ..data.manifest import OutputManifest, check_output_folder, checkpoint_digest
 from ..data.voc import VOCDataset
 from ..errors import ConfigError
 from ..localize.attention_gradients import checked_layer
+from ..localize.base import parse_memory_size
 from ..localize.split import iter_split_maps
 from ..methods import REGISTRY
 from ..models import checkpoint
@@ -30,7 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "cam", help="write localisation maps (.npz) for a split, and label PNGs",
         description="Write OUT/<id>.npz maps of every image's classes (and OUT/labels/<id>.png with --threshold, "
-        "or always on a dataset without background) for `wsss pseudo` and `wsss eval`.")
+        "or always on a dataset without background) for `wsss pseudo` and `wsss eval`. OUT/wsss-manifest.json "
+        "records the settings and the files written: a rerun with the same settings resumes, with other settings it "
+        "is an error unless --overwrite.")
     p.add_argument("--checkpoint", required=True,
                    help="a run folder, checkpoint folder or model.safetensors (a classifier, or a segmentation "
                    "model whose encoder is localised)")
@@ -39,16 +46,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="getam", choices=sorted(REGISTRY.maps()),
                    help="the map formula (`wsss methods` describes them)")
     p.add_argument("--out", required=True, help="output folder: <id>.npz maps (and labels/<id>.png)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=options.fraction, default=None,
                    help="background threshold for label PNGs (default: none, only maps; datasets without "
                    "background: argmax labels, always written)")
+    # Any integer: a negative index counts from the last block; the range depends on the model's depth.
     p.add_argument("--start-layer", type=int, default=None,
-                   help="first block read by the maps that take it (getam, acr; default: the method's)")
+                   help="first block read by the maps that take it (getam, acr; negative: from the last, -1 = the "
+                   "last block; default: the method's)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: delete the files the manifest of --out lists, even if made with other settings")
+    p.add_argument("--memory-budget", type=_memory_size, default=None, metavar="SIZE",
+                   help="most memory one image's maps may take, e.g. 4G (default: $WSSS_MEMORY_BUDGET, else a "
+                   "quarter of the RAM or 90%% of the free GPU memory); a larger image is computed in chunks or at "
+                   "a reduced size, with a warning")
     options.add_views(p)
     options.add_normalization(p)
     options.add_limit(p)
     options.add_device(p)
     p.set_defaults(func=run)
+
+
+def _memory_size(text: str) -> int:
+    """``--memory-budget``: a size such as ``4G``, ``512M`` or a byte count."""
+    try:
+        return parse_memory_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _map_options(method: str, start_layer: int | None, depth: int) -> dict:
@@ -67,7 +90,7 @@ def _map_options(method: str, start_layer: int | None, depth: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Write the maps (and labels) of every image of the split that has none yet."""
+    """Write the maps (and labels) of every image of the split whose files the manifest of ``--out`` lacks."""
     device = options.resolve_device(args.device)
     source = checkpoint.resolve(args.checkpoint)
     model, spec = checkpoint.load(source, device)
@@ -78,22 +101,31 @@ def run(args: argparse.Namespace) -> int:
     mean, std = options.normalization(args, spec, source)
     map_options = _map_options(args.method, args.start_layer, vit.depth)
     out = Path(args.out)
+    check_output_folder(out, dataset.root, dataset.mask_dir)
     # Label PNGs need a background threshold, except on datasets without a background class (argmax).
     has_background = dataset.classes.has_background
     with_labels = args.threshold is not None or not has_background
     threshold = args.threshold if has_background else None
-    todo = [i for i in options.limited(range(len(dataset)), args.limit)
-            if not (out / f"{dataset.ids[i]}.npz").is_file()
-            or (with_labels and not (out / "labels" / f"{dataset.ids[i]}.png").is_file())]
-    total = len(options.limited(dataset.ids, args.limit))
-    if len(todo) < total:
-        print(f"resuming: {total - len(todo)} of {total} images already done")
-    maps_iter = iter_split_maps(vit, dataset, args.method, args.scales, args.flip, mean, std, indices=todo,
-                                device=device, **map_options)
-    for image_id, maps, labels in tqdm(maps_iter, total=len(todo), desc=f"{args.method} maps"):
-        if with_labels:
-            pred = maps_to_labels(torch.from_numpy(maps), labels, threshold)
-            write_mask(out / "labels" / f"{image_id}.png", pred.numpy().astype(np.uint8))
-        save_maps(out / f"{image_id}.npz", maps, labels)  # last, so a present .npz means the image is done
+    settings = {"checkpoint_sha256": checkpoint_digest(source), "method": args.method, "start_layer": args.start_layer,
+                "scales": [float(s) for s in args.scales], "flip": bool(args.flip), "mean": list(mean),
+                "std": list(std), "labels": with_labels, "threshold": threshold}
+    indices = options.limited(range(len(dataset)), args.limit)
+    names = {i: [f"{dataset.ids[i]}.npz"] + ([f"labels/{dataset.ids[i]}.png"] if with_labels else [])
+             for i in indices}
+    with OutputManifest.open(out, "cam", settings, dataset.root, args.split, overwrite=args.overwrite,
+                             command="wsss cam", arguments=vars(args)) as manifest:
+        manifest.warn_untrusted(name for i in indices for name in names[i])
+        todo = [i for i in indices if not all(manifest.trusted(name) for name in names[i])]
+        if len(todo) < len(indices):
+            print(f"resuming: {len(indices) - len(todo)} of {len(indices)} images already done")
+        maps_iter = iter_split_maps(vit, dataset, args.method, args.scales, args.flip, mean, std, indices=todo,
+                                    device=device, memory_budget=args.memory_budget, **map_options)
+        for image_id, maps, labels in tqdm(maps_iter, total=len(todo), desc=f"{args.method} maps"):
+            if with_labels:
+                pred = maps_to_labels(torch.from_numpy(maps), labels, threshold)
+                write_mask(out / "labels" / f"{image_id}.png", pred.numpy().astype(np.uint8))
+                manifest.record(f"labels/{image_id}.png")
+            save_maps(out / f"{image_id}.npz", maps, labels)
+            manifest.record(f"{image_id}.npz")
     print(f"wrote {len(todo)} map files to {out}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..data.check import check_dataset
+from . import options
 
 
 def add_parser(subparsers) -> None:
@@ -14,13 +15,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--split", required=True, help="split name (ImageSets/Segmentation/<split>.txt)")
     p.add_argument("--labels", default=None,
                    help="image-level labels file training uses (default: ROOT/labels.json or ROOT/labels.csv)")
-    p.add_argument("--workers", type=int, default=0, help="worker processes reading images (default: 0)")
-    p.add_argument("--max-problems", type=int, default=20, help="problems to list (default: %(default)s)")
+    p.add_argument("--workers", type=options.non_negative_int, default=0,
+                   help="worker processes reading images (default: 0)")
+    p.add_argument("--max-problems", type=options.non_negative_int, default=20,
+                   help="problems to list (default: %(default)s)")
+    p.add_argument("--max-pixels", type=options.positive_int, default=None, metavar="N",
+                   help="an image or mask of more pixels is a problem, a possible decompression bomb (default: "
+                   "PIL's MAX_IMAGE_PIXELS)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the report; return 1 when problems were found, else 0."""
-    report = check_dataset(args.data, args.split, num_workers=args.workers, labels_file=args.labels)
+    report = check_dataset(args.data, args.split, num_workers=args.workers, labels_file=args.labels,
+                           max_pixels=args.max_pixels)
     print(report.format(max_problems=args.max_problems))
     return 0 if report.ok else 1

@@ -2,18 +2,26 @@
 
 The subcommands are listed in :data:`COMMANDS` with their one-line help, so ``wsss --help`` and ``wsss --version``
 import none of them (nor torch); only the chosen command's module is imported, to build its parser and run it.
+
+Every failure a user can cause leaves through one path: a :class:`~wsss.errors.WSSSError` (bad data, checkpoint or
+config) or an ``OSError`` on a file (disk full, permission denied, not found) is reported as one ``error: ...`` line
+on stderr (a config with several bad keys: one line per key), naming the file or setting, with exit status 2; the
+traceback is shown only with ``wsss -v``. A usage error (unknown option, bad option value) prints the usage and
+``error: ...``, with exit status 64.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
+import traceback
 from typing import NoReturn, Sequence
 
 from .. import __version__
-from ..errors import WSSSError
+from ..errors import ConfigError, WSSSError
 
 EX_USAGE = 64  # sysexits.h: the command was used incorrectly
 EX_ERROR = 2  # a WSSSError: bad data, checkpoint or config
@@ -32,7 +40,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("eval", "eval", "score predictions (label PNGs or .npz maps) against a split's ground truth"),
     ("methods", "methods", "list the registered methods: maps, options, presets, pseudo-label recipes"),
     ("upgrade-checkpoint", "upgrade_checkpoint", "rewrite an older checkpoint with its input normalisation"),
-    ("demo", "demo", "synthetic data -> small ViT -> maps with every method -> report"),
+    ("demo", "demo", "synthetic data -> baseline, ACR, AReAM, GETAM -> maps, pseudo labels, segmentation -> report"),
 )
 
 EPILOG = f"""\
@@ -67,7 +75,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
-        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(EX_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
 
 class _MainHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
@@ -98,18 +106,57 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+# What to do about an OSError, by errno; the file comes from the error itself.
+_OS_ADVICE = {
+    errno.ENOSPC: "no space left on the device; free some space or write to another disk",
+    errno.EDQUOT: "disk quota exceeded; free some space or write to another disk",
+    errno.EFBIG: "file too large for this file system or limit; write to another disk",
+    errno.EACCES: "permission denied; check the permissions or choose another path",
+    errno.EPERM: "operation not permitted; check the permissions or choose another path",
+    errno.EROFS: "read-only file system; choose another path",
+    errno.ENOENT: "no such file or directory; check the path",
+    errno.ENOTDIR: "a part of the path is not a folder; check the path",
+    errno.EISDIR: "is a folder, not a file; check the path",
+    errno.EEXIST: "already exists; remove it or choose another path",
+    errno.ENOTEMPTY: "folder not empty; remove it or choose another path",
+    errno.EMFILE: "too many open files; lower the number of workers or raise the limit (ulimit -n)",
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an ``OSError``: the file(s) it names, what went wrong and what to do."""
+    advice = _OS_ADVICE.get(exc.errno) or exc.strerror or str(exc)
+    files = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{' -> '.join(files)}: {advice}" if files else advice
+
+
+def report(message: str, verbose: bool, per_line: bool = False) -> int:
+    """Print ``message`` as one ``error: ...`` line on stderr (one per line of it with ``per_line``: a config's
+    problems), the traceback first with ``verbose``; return 2."""
+    if verbose:
+        traceback.print_exc()
+    lines = [line.strip() for line in message.splitlines() if line.strip()] or ["(no message)"]
+    for line in lines if per_line else [" ".join(lines)]:
+        print(f"error: {line}", file=sys.stderr)
+    return EX_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``wsss`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status. As with any argparse
-    program, ``--help`` and ``--version`` leave through ``SystemExit(0)`` and a usage error through
-    ``SystemExit(EX_USAGE)``."""
+    """Run ``wsss`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status: 2 with one ``error: ...``
+    line per problem for a :class:`~wsss.errors.WSSSError` or an ``OSError`` (the traceback only with ``-v``). As
+    with any argparse program, ``--help`` and ``--version`` leave through ``SystemExit(0)`` and a usage error
+    through ``SystemExit(EX_USAGE)``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = False
     try:
         args = build_parser(argv).parse_args(argv)
+        verbose = args.verbose
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
         return int(args.func(args) or 0)
     except WSSSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EX_ERROR
+        return report(str(exc), verbose, per_line=isinstance(exc, ConfigError))
+    except OSError as exc:
+        return report(os_error_message(exc), verbose)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
     from ..models.checkpoint import ModelSpec
 
 log = logging.getLogger(__name__)
-
 
 
 def _number(text: str, cast: type, ok: Callable[[float], bool], requirement: str) -> Any:
@@ -48,7 +48,46 @@ def non_negative_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """An argparse type: a finite number > 0."""
-    return _number(text, float, lambda v: 0 < v < float("inf"), "a finite number > 0")
+    return _number(text, float, lambda v: 0 < v < math.inf, "a finite number > 0")
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (not nan or inf)."""
+    return _number(text, float, math.isfinite, "a finite number")
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    return _number(text, float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1] (a probability, a threshold on normalised maps, a percentile)."""
+    return _number(text, float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def positive_fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1] (a downscaling factor)."""
+    return _number(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``low..high`` (no upper bound with ``high`` None)."""
+    requirement = f">= {low}" if high is None else f"in {low}..{high}"
+
+    def parse(text: str) -> int:
+        return _number(text, int, lambda v: v >= low and (high is None or v <= high), requirement)
+
+    parse.__name__ = f"int {requirement}"
+    return parse
+
+
+def positive_float_list(text: str) -> list[float]:
+    """An argparse type: comma-separated finite numbers > 0, at least one (``1,0.5,1.5``)."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers > 0, got {text!r}")
+    return [positive_float(item) for item in items]
 
 
 def device_name(text: str) -> str:
@@ -67,7 +106,7 @@ def add_device(parser: argparse.ArgumentParser) -> None:
 def add_normalization(parser: argparse.ArgumentParser) -> None:
     """``--mean M M M`` / ``--std S S S``; left out, the checkpoint's normalisation is used."""
     group = parser.add_argument_group("input normalisation")
-    group.add_argument("--mean", type=float, nargs=3, metavar="M", default=None,
+    group.add_argument("--mean", type=finite_float, nargs=3, metavar="M", default=None,
                        help="per-channel mean of RGB in [0, 1] (default: the checkpoint's)")
     group.add_argument("--std", type=positive_float, nargs=3, metavar="S", default=None,
                        help="per-channel standard deviation (default: the checkpoint's)")

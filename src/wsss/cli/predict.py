@@ -1,6 +1,8 @@
 """``wsss predict``: label PNGs of a split from a trained segmentation model (multi-scale, flip, optional CRF).
 
-Images whose ``OUT/<id>.png`` exists are skipped, so an interrupted run resumes where it stopped; each PNG is
+``OUT/wsss-manifest.json`` records what made the folder (the checkpoint's sha256, the views, the CRF, the dataset) and
+the PNGs written; a rerun with the same settings skips the PNGs it lists, so an interrupted run resumes where it
+stopped. Other settings are an error unless ``--overwrite``; a PNG it does not list is recomputed. Each PNG is
 written atomically. The normalisation (mean/std) and the class list come from the checkpoint. Scales are relative
 to each image's own size (GETAM's test instead resizes to squares of 256, 320 and 480, distorting the aspect ratio).
 """
@@ -9,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any, Sequence
 
+from ..data.manifest import OutputManifest, check_output_folder, checkpoint_digest
 from ..data.voc import VOCDataset
 from ..errors import CheckpointError
 from ..models import checkpoint
@@ -23,7 +27,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "predict",
         help="segment a split with a trained segmentation model and write label PNGs",
-        description="Write OUT/<id>.png (VOC palette) for every image of the split; existing PNGs are kept.",
+        description="Write OUT/<id>.png (VOC palette) for every image of the split. OUT/wsss-manifest.json records "
+        "the settings and the PNGs written: a rerun with the same settings resumes (keeps the PNGs it lists), with "
+        "other settings it is an error unless --overwrite.",
     )
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="a run folder, a checkpoint folder or a model.safetensors of a segmentation run")
@@ -33,6 +39,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--crf", choices=sorted(CRF_PRESETS), default=None,
                    help="refine the probabilities with a dense CRF preset (getam: GETAM's test setting; "
                    "default: none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: delete the files the manifest of --out lists, even if made with other settings")
     options.add_views(p, what="probabilities")
     options.add_normalization(p)
     options.add_limit(p)
@@ -40,8 +48,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def manifest_settings(digest: str, args: argparse.Namespace, mean: Sequence[float],
+                      std: Sequence[float]) -> dict[str, Any]:
+    """The settings that decide the PNGs: the checkpoint's content, the views, the CRF and the normalisation."""
+    return {"checkpoint_sha256": digest, "scales": [float(s) for s in args.scales], "flip": bool(args.flip),
+            "crf": args.crf, "mean": list(mean), "std": list(std)}
+
+
 def run(args: argparse.Namespace) -> int:
-    """Predict every image of the split that has no label PNG yet."""
+    """Predict every image of the split whose label PNG the manifest of ``--out`` does not list."""
     device = options.resolve_device(args.device)
     source = checkpoint.resolve(args.checkpoint)
     model, spec = checkpoint.load(source, device)
@@ -51,7 +66,11 @@ def run(args: argparse.Namespace) -> int:
     dataset = VOCDataset(args.data, args.split, require_labels=False)
     options.check_classes(spec, dataset.classes.names, source, args.data)
     mean, std = options.normalization(args, spec, source)
-    written, skipped = predict_split(model, dataset, args.out, args.scales, args.flip, args.crf, mean=mean, std=std,
-                                     device=device, limit=args.limit)
+    check_output_folder(args.out, dataset.root, dataset.mask_dir)
+    settings = manifest_settings(checkpoint_digest(source), args, mean, std)
+    with OutputManifest.open(args.out, "predict", settings, dataset.root, args.split, overwrite=args.overwrite,
+                             command="wsss predict", arguments=vars(args)) as manifest:
+        written, skipped = predict_split(model, dataset, args.out, args.scales, args.flip, args.crf, mean=mean,
+                                         std=std, device=device, limit=args.limit, manifest=manifest)
     print(f"wrote {written} label PNGs to {args.out} ({skipped} already there)")
     return 0

@@ -8,6 +8,7 @@ import os
 
 from ..data.prepare_coco import prepare_coco
 from ..data.prepare_voc import prepare_voc
+from . import options
 
 
 def _default_workers() -> int:
@@ -15,7 +16,7 @@ def _default_workers() -> int:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=_default_workers(),
+    p.add_argument("--workers", type=options.non_negative_int, default=_default_workers(),
                    help="worker processes (0 = run in this process; default: %(default)s)")
     p.add_argument("--copy-images", action="store_true",
                    help="copy the images into OUT/JPEGImages instead of symlinking them")
@@ -38,7 +39,7 @@ def add_parser(subparsers) -> None:
 
     coco = datasets.add_parser("coco", help="COCO instances -> VOC-style masks (80 classes + background)")
     coco.add_argument("--coco", required=True, help="COCO root with annotations/ and {train,val}YEAR/")
-    coco.add_argument("--year", type=int, default=2014, help="release year (default: %(default)s)")
+    coco.add_argument("--year", type=options.positive_int, default=2014, help="release year (default: %(default)s)")
     coco.add_argument("--out", default=None, help="output dataset root (default: COCO/voc_layout)")
     coco.add_argument("--splits", nargs="+", default=["train", "val"], help="splits (default: train val)")
     _add_common(coco)

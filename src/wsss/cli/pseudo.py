@@ -3,13 +3,17 @@
 For every id of the split, ``MAPS/<id>.npz`` (from ``wsss cam``) and the image are read, optionally
 refined, labelled by one rule and written atomically to ``OUT/<id>.png`` (VOC palette). The rule is either
 given by its flag or taken with its refinement from a method's pseudo-label recipe (``--method``); the other
-flags override single settings. Images whose PNG already exists are skipped, so an interrupted run resumes
-where it stopped. ``--workers N`` runs N processes (worth it for the CPU-bound dense CRF).
+flags override single settings. ``OUT/wsss-manifest.json`` records what made the folder (every setting, the maps
+folder and what made it, the dataset) and the PNGs written: a rerun with the same settings skips the PNGs it lists,
+so an interrupted run resumes where it stopped; other settings are an error unless ``--overwrite``; a PNG it does not
+list (a file left in ``--out`` by anything else) is recomputed. ``--workers N`` runs N processes (worth it for the
+CPU-bound dense CRF).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -19,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.io import write_mask
+from ..data.manifest import OutputManifest, check_output_folder, identity_of, untrusted_files
 from ..data.voc import VOCDataset
 from ..errors import ConfigError, DataError
 from ..methods import REGISTRY, get_method
@@ -28,6 +33,8 @@ from ..refine.crf import CRF_PRESETS
 from ..refine.refiner import REFINEMENTS
 from . import options
 
+log = logging.getLogger(__name__)
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``pseudo`` subcommand; ``--method`` lists the methods registered now with a recipe."""
@@ -35,7 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "pseudo",
         help="turn saved maps (<id>.npz) into pseudo-label PNGs",
         description="Label every image of a split from MAPS/<id>.npz with one rule, optionally after a "
-        "refinement, and write OUT/<id>.png (VOC palette, 255 = ignore). Existing PNGs are kept (resume). "
+        "refinement, and write OUT/<id>.png (VOC palette, 255 = ignore). OUT/wsss-manifest.json records the "
+        "settings and the PNGs written: a rerun with the same settings resumes, with other settings it is an error "
+        "unless --overwrite. "
         "Give a rule flag, or --method NAME for that method's recipe (rule, parameters and refinement).",
     )
     parser.add_argument("--maps", required=True, type=Path, help="folder of <id>.npz maps (wsss cam)")
@@ -46,12 +55,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     rule.add_argument("--method", choices=sorted(m.name for m in REGISTRY if m.pseudo is not None),
                       help="the pseudo-label recipe of a method (`wsss methods` shows them); the flags below "
                       "override single settings")
-    rule.add_argument("--bg-threshold", type=float, metavar="T", help="rule: constant background score T")
+    rule.add_argument("--bg-threshold", type=options.fraction, metavar="T", help="rule: constant background score T")
     rule.add_argument(
-        "--two-thresholds", type=float, nargs=2, metavar=("HIGH", "LOW"),
+        "--two-thresholds", type=options.fraction, nargs=2, metavar=("HIGH", "LOW"),
         help="rule (AReAM): labels of the HIGH run, 255 where only the LOW run finds foreground (e.g. 0.55 0.35)",
     )
-    rule.add_argument("--psa-alpha", type=float, metavar="A", help="rule: PSA background (1 - max)^A (1 or 12)")
+    rule.add_argument("--psa-alpha", type=options.positive_float, metavar="A", help="rule: PSA background (1 - max)^A (1 or 12)")
     rule.add_argument("--completion", action="store_true", help="rule: GETAM activation-aware label completion")
     parser.add_argument("--refine", choices=REFINEMENTS, default=None,
                         help="refinement before labelling (default: the recipe's, else none)")
@@ -60,7 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--crf-preset", choices=sorted(CRF_PRESETS), default=None,
                         help="dense CRF parameters (default: the recipe's, else psa)")
     parser.add_argument(
-        "--scale", type=float, default=None,
+        "--scale", type=options.positive_fraction, default=None,
         help="resize factor in (0, 1] of the score stack for the refinement (default: the recipe's, else 0.5 "
         "with --two-thresholds and 1 otherwise)",
     )
@@ -71,17 +80,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--saliency", type=Path, default=None,
                         help="completion rule: folder of <id>.png saliency (default: none)")
-    parser.add_argument("--cut-threshold", type=float, default=None,
+    parser.add_argument("--cut-threshold", type=options.fraction, default=None,
                         help="completion rule: percentile (default: the recipe's, else 0.9)")
     parser.add_argument(
         "--affinity", type=Path, default=None,
         help="--refine affinity: folder of <id>.npz with 'affinity' (N, N) and 'grid' (h, w) (default: none)",
     )
-    parser.add_argument("--affinity-power", type=float, default=1.0, help="power beta of the affinity")
+    parser.add_argument("--affinity-power", type=options.positive_float, default=1.0, help="power beta of the affinity")
     parser.add_argument("--affinity-steps", type=options.non_negative_int, default=1, help="random-walk steps")
     parser.add_argument("--affinity-normalize", choices=NORMALIZATIONS, default="row", help="affinity normalisation")
     parser.add_argument("--workers", type=options.non_negative_int, default=0,
                         help="worker processes (0: work in this process)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over: delete the files the manifest of --out lists, even if made with other "
+                        "settings")
     options.add_limit(parser)
     parser.set_defaults(func=run)
 
@@ -152,38 +164,57 @@ def _write_in_worker(
     return None
 
 
-def _run_pool(settings: PseudoSettings, jobs: Sequence[tuple[str, Path, Path]], workers: int) -> None:
+def _run_pool(settings: PseudoSettings, jobs: Sequence[tuple[str, Path, Path]], workers: int,
+              manifest: OutputManifest) -> None:
     context = multiprocessing.get_context("spawn")  # fork after torch threads started can deadlock
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
-        futures = [pool.submit(_write_in_worker, settings, *job) for job in jobs]
+        futures = {pool.submit(_write_in_worker, settings, *job): job[0] for job in jobs}
         with tqdm(total=len(futures), desc="pseudo labels", unit="img") as bar:
             for future in as_completed(futures):
                 failure = future.result()
                 if failure is not None:
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise DataError(*failure)
+                manifest.record(f"{futures[future]}.png")
                 bar.update(1)
 
 
+def manifest_settings(settings: PseudoSettings) -> dict[str, Any]:
+    """The settings that decide the PNGs: every pseudo-label setting, and what made the maps (their folder's
+    manifest, None without one), so new maps in the same folder do not pass for the old ones."""
+    return {**settings.describe(), "maps_made_by": identity_of(settings.maps_dir)}
+
+
 def run(args: argparse.Namespace) -> int:
-    """Write the pseudo labels of every image of the split that has none yet."""
+    """Write the pseudo labels of every image of the split whose PNG the manifest of ``--out`` does not list."""
     if not args.maps.is_dir():
         raise DataError(args.maps, "maps folder not found")
     dataset = VOCDataset(args.data, args.split, require_labels=False)
     settings = settings_from_args(args, dataset.classes.num_classes, dataset.classes.has_background)
-    jobs = [
-        (image_id, dataset.image_path(image_id), args.out / f"{image_id}.png")
-        for image_id in options.limited(dataset.ids, args.limit)
-        if not (args.out / f"{image_id}.png").is_file()
-    ]
+    check_output_folder(args.out, dataset.root, dataset.mask_dir,
+                        inputs=[(args.maps, "--maps folder"), (args.saliency, "--saliency folder"),
+                                (args.affinity, "--affinity folder")])
+    manifest = OutputManifest.open(args.out, "pseudo", manifest_settings(settings), dataset.root, args.split,
+                                   overwrite=args.overwrite, command="wsss pseudo", arguments=vars(args))
+    ids = options.limited(dataset.ids, args.limit)
+    manifest.warn_untrusted(f"{image_id}.png" for image_id in ids)
+    jobs = [(image_id, dataset.image_path(image_id), args.out / f"{image_id}.png")
+            for image_id in ids if not manifest.trusted(f"{image_id}.png")]
     missing = [image_id for image_id, _, _ in jobs if not settings.maps_path(image_id).is_file()]
     if missing:
         raise DataError(settings.maps_path(missing[0]), f"maps file not found ({len(missing)} of {len(jobs)} missing)")
-    skipped = len(options.limited(dataset.ids, args.limit)) - len(jobs)
-    if args.workers > 0 and len(jobs) > 1:
-        _run_pool(settings, jobs, args.workers)
-    else:
-        for job in tqdm(jobs, desc="pseudo labels", unit="img"):
-            write_pseudo_label(settings, *job)
+    maps_manifest, unlisted = untrusted_files(settings.maps_dir, [f"{image_id}.npz" for image_id, _, _ in jobs])
+    if unlisted:
+        log.warning("%d maps files in %s are not listed in its manifest, or changed since (%s, ...): they were not "
+                    "written by the `%s` run it records", len(unlisted), settings.maps_dir, unlisted[0],
+                    maps_manifest.get("command"))
+    skipped = len(ids) - len(jobs)
+    with manifest:  # flushed on the way out, an error included, so the finished PNGs stay listed
+        if args.workers > 0 and len(jobs) > 1:
+            _run_pool(settings, jobs, args.workers, manifest)
+        else:
+            for job in tqdm(jobs, desc="pseudo labels", unit="img"):
+                write_pseudo_label(settings, *job)
+                manifest.record(f"{job[0]}.png")
     print(f"wrote {len(jobs)} pseudo labels to {args.out} ({skipped} already there)")
     return 0

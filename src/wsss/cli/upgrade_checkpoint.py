@@ -17,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Rewrite a version-1 model.safetensors in place with the current spec, given the mean/std "
         "it was trained with (data.transforms.mean/std of its training config).")
     p.add_argument("path", help="a run folder, checkpoint folder or model.safetensors")
-    p.add_argument("--mean", required=True, type=float, nargs=3, metavar="M",
+    p.add_argument("--mean", required=True, type=options.finite_float, nargs=3, metavar="M",
                    help="per-channel mean of RGB in [0, 1] it was trained with")
     p.add_argument("--std", required=True, type=options.positive_float, nargs=3, metavar="S",
                    help="per-channel standard deviation it was trained with")

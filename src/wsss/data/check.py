@@ -2,8 +2,9 @@
 
 Checked, with the readers training uses (:mod:`wsss.data.layout`): the class list; the split list (present,
 non-empty, one id per line, no duplicate ids); for each id the image (present under any supported extension,
-unambiguous, decodable) and the mask (present, decodable, no label outside the class list, same size as the
-image, at least one foreground class); and every image-level labels file present (``labels.json`` /
+unambiguous, decodable, within ``PIL.Image.MAX_IMAGE_PIXELS``: a larger one may be a decompression bomb) and the
+mask (present, decodable, within the pixel limit, no label outside the class list, same size as the image, at
+least one foreground class); and every image-level labels file present (``labels.json`` /
 ``labels.csv`` at the root, or the one named): readable, known class names or label indices, no image listed
 twice, an image file for every entry. The labels file the dataset would use must also label every image of the
 split with at least one foreground class (a background label is allowed). A dataset without
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..errors import DataError
 from .classes import ClassSet
@@ -89,6 +91,7 @@ class _Job:
     mask: Path | None
     num_classes: int | None
     fg_labels: tuple[int, ...] | None  # None when the class list is unreadable
+    max_pixels: int | None = None  # None: PIL.Image.MAX_IMAGE_PIXELS of the reading process
 
 
 @dataclass
@@ -108,12 +111,12 @@ def _check_one(job: _Job) -> _Result:
     image = mask = None
     if job.image is not None:
         try:
-            image = read_image(job.image)
+            image = read_image(job.image, job.max_pixels)
         except DataError as exc:
             result.problems.append(_problem(exc))
     if job.mask is not None:
         try:
-            mask = read_mask(job.mask, job.num_classes)
+            mask = read_mask(job.mask, job.num_classes, job.max_pixels)
         except DataError as exc:
             result.problems.append(_problem(exc))
     if image is not None and mask is not None and image.shape[:2] != mask.shape:
@@ -143,11 +146,14 @@ def _check_labels_file(
     return table, {image_id for image_id, _ in found}
 
 
-def check_dataset(root: str | Path, split: str, num_workers: int = 0, labels_file: str | Path | None = None) -> Report:
+def check_dataset(root: str | Path, split: str, num_workers: int = 0, labels_file: str | Path | None = None,
+                  max_pixels: int | None = None) -> Report:
     """Check the split ``split`` of the VOC-layout dataset at ``root``; return a :class:`Report`.
 
     ``labels_file`` names the image-level labels file training uses (default: ``ROOT/labels.json`` or
-    ``ROOT/labels.csv``). ``num_workers`` > 0 reads the images in that many processes.
+    ``ROOT/labels.csv``). ``num_workers`` > 0 reads the images in that many processes. An image or mask of more
+    than ``max_pixels`` pixels (default ``PIL.Image.MAX_IMAGE_PIXELS``) is a problem: a possible decompression
+    bomb, which training's reader refuses too.
     """
     root = Path(root)
     report = Report(root=root, split=split)
@@ -205,6 +211,8 @@ def check_dataset(root: str | Path, split: str, num_workers: int = 0, labels_fil
                     report.problems.append((str(path), f"image {image_id!r}: empty label set"))
 
     jobs = []
+    # Resolved here: worker processes that do not fork would not see a limit set on PIL in this one.
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
     fg = tuple(int(k) for k in classes.fg_labels) if classes else None
     for image_id in ids:
         try:
@@ -213,7 +221,8 @@ def check_dataset(root: str | Path, split: str, num_workers: int = 0, labels_fil
             report.problems.append(_problem(exc))
             image = None  # its mask is still checked and counted
         mask = root / "SegmentationClass" / f"{image_id}.png" if report.has_masks else None
-        jobs.append(_Job(image=image, mask=mask, num_classes=classes.num_classes if classes else None, fg_labels=fg))
+        jobs.append(_Job(image=image, mask=mask, num_classes=classes.num_classes if classes else None, fg_labels=fg,
+                         max_pixels=limit))
     sizes: Counter[int] = Counter()
     for result in parallel_map(_check_one, jobs, num_workers, f"check {split}"):
         report.problems += result.problems

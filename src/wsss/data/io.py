@@ -1,8 +1,10 @@
 """Reading and writing the on-disk formats: RGB images, label PNGs and saved maps.
 
 Every reader raises :class:`wsss.errors.DataError` naming the file on a missing, corrupt or
-inconsistent input; every writer is atomic (write to a temporary file, then rename), so a job that is
-killed never leaves a half-written output that a resumed job would mistake for a finished one.
+inconsistent input, and on an image larger than ``PIL.Image.MAX_IMAGE_PIXELS`` (a possible decompression
+bomb: PIL itself only warns up to twice that size and would decode it); every writer is atomic (write to a
+temporary file, then rename), so a job that is killed never leaves a half-written output that a resumed job
+would mistake for a finished one.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -58,34 +62,79 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as an ``(H, W, 3)`` uint8 RGB array."""
+# PIL's decompression-bomb messages carry the pixel count: "Image size (400000000 pixels) exceeds ...".
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def _too_large(pixels: int | None, limit: int, size: tuple[int, int] | None = None) -> str:
+    """The problem of an image over the pixel limit."""
+    dims = f"{size[0]}x{size[1]} = " if size is not None else ""
+    count = f"{dims}{pixels} pixels" if pixels is not None else f"more than {2 * limit} pixels"
+    return (f"image is {count}, over the limit of {limit} pixels (a possible decompression bomb; "
+            "raise PIL.Image.MAX_IMAGE_PIXELS to read larger images)")
+
+
+def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """``Image.open(path)`` (header only, nothing decoded) refusing images over the pixel limit.
+
+    The limit is ``max_pixels``, else ``PIL.Image.MAX_IMAGE_PIXELS`` at call time (``None`` there: no limit).
+    Over it is a :class:`DataError` naming the file and the pixel count: PIL only warns between one and two
+    times its limit and would decode the image, taking gigabytes; above twice it raises an exception of its own.
+    Other decoding problems are raised as PIL raises them (the readers turn them into ``DataError``).
+    """
+    path = Path(path)
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        with warnings.catch_warnings():
+            # The warning level is checked below, as an error; PIL's warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = _BOMB_PIXELS.search(str(exc))
+        # PIL refused at its own limit, which may be below a larger max_pixels: name the lower one.
+        pil_limit = Image.MAX_IMAGE_PIXELS or 0
+        shown = pil_limit if limit is None else min(limit, pil_limit)
+        raise DataError(path, _too_large(int(found.group(1)) if found else None, shown)) from None
+    pixels = max(1, im.width) * max(1, im.height)
+    if limit is not None and pixels > limit:
+        im.close()
+        raise DataError(path, _too_large(pixels, limit, im.size))
+    return im
+
+
+def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image as an ``(H, W, 3)`` uint8 RGB array (over the pixel limit: see :func:`open_image`)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "image file not found")
     try:
-        with Image.open(path) as im:
+        with open_image(path, max_pixels) as im:
             im.load()
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(path, f"cannot decode image ({exc})") from exc
 
 
-def read_mask(path: str | Path, num_classes: int | None = None) -> np.ndarray:
+def read_mask(path: str | Path, num_classes: int | None = None, max_pixels: int | None = None) -> np.ndarray:
     """Read a label PNG (palette or grey) as an ``(H, W)`` uint8 array of class indices.
 
-    With ``num_classes`` given, any value other than ``0..num_classes-1`` and 255 is an error.
+    With ``num_classes`` given, any value other than ``0..num_classes-1`` and 255 is an error. A mask over the
+    pixel limit is an error (see :func:`open_image`).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "mask file not found")
     try:
-        with Image.open(path) as im:
-            im.load()
+        with open_image(path, max_pixels) as im:
             if im.mode not in ("P", "L", "I", "I;16"):
                 raise DataError(path, f"mask must be a palette or greyscale PNG, got mode {im.mode}")
+            im.load()
             mask = np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except DataError:  # already names the problem; DataError is a ValueError, so it must not be re-wrapped
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(path, f"cannot decode mask ({exc})") from exc
     if mask.ndim != 2:
         raise DataError(path, f"mask must be 2-D, got shape {mask.shape}")

@@ -84,8 +84,9 @@ def read_split(path: str | Path, problems: list[str] | None = None) -> list[str]
 
     One id per line; blank lines and lines starting with ``#`` are skipped. A line may also be an image path
     (``/JPEGImages/x.jpg`` or ``x.jpg`` names ``x``) or a SegmentationClassAug pair of image and mask paths of
-    the same id. Anything else with whitespace in it (``my image 1``) is an error, never cut to its first word;
-    so are an id listed twice, an empty list and a missing or unreadable file.
+    the same id. Anything else with whitespace in it (``my image 1``, or VOC's ``ImageSets/Main`` class-list
+    lines ``id  1`` / ``id -1``) is an error naming the line, never cut to its first word; so are an id listed
+    twice, an empty list and a missing or unreadable file.
 
     Without ``problems`` any problem raises one :class:`DataError` naming the file and listing every problem
     (with its line number). With a list given, the problems are appended to it instead and the ids that
@@ -100,9 +101,14 @@ def read_split(path: str | Path, problems: list[str] | None = None) -> list[str]
             stripped = line.strip()
             if not stripped or stripped.startswith("#"):
                 continue
-            image_id = _line_id(stripped.split())
+            tokens = stripped.split()
+            image_id = _line_id(tokens)
             if image_id is None:
-                found.append(f"line {number}: {stripped!r} is not one image id (ids hold no whitespace)")
+                # VOC's ImageSets/Main/<class>_<split>.txt lines are "id  1" / "id -1": a classification list,
+                # whose -1 images do not hold the class; reading only the id would silently include them.
+                hint = (" - an ImageSets/Main class list? segmentation splits list one bare id per line"
+                        if len(tokens) == 2 and tokens[1] in ("1", "-1", "0") else "")
+                found.append(f"line {number}: {stripped!r} is not one image id (ids hold no whitespace){hint}")
                 continue
             ids.setdefault(image_id, []).append(number)
         for image_id, lines in ids.items():

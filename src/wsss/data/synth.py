@@ -8,6 +8,15 @@ co-occurrence problem the WSSS papers discuss.
 
 The generator is deterministic: image ``i`` of a split depends only on ``(seed, split, i)`` and the
 settings. ``synth.json`` records every object's geometry so the masks can be checked independently.
+
+Two more failure modes the WSSS papers address can be switched on (both off by default):
+
+- ``parts``: every object is made of two differently textured parts. The class's own texture covers one side;
+  the rest (the fraction ``parts`` of the object's width) is a *shared part*, one texture and colour common to
+  every class, like the wheels of every vehicle. A classifier needs only the distinctive side, so its maps cover
+  a part of the object, the partial activation GETAM and ACR set out to complete.
+- ``plain``: the fraction of images whose background is one large plain, nearly uniform field instead of a
+  textured scene; attention smooths into such regions (the over-smoothing AReAM targets).
 """
 
 from __future__ import annotations
@@ -39,6 +48,9 @@ COLOUR_PAIRS = (
     ((245, 110, 170), (25, 85, 40)),
     ((160, 250, 90), (190, 25, 25)),
 )
+# The shared part of every object with ``parts`` (a dark, finely striped grey), and the plain fields' colours.
+SHARED_PART = ((70, 70, 80), (150, 150, 160))
+PLAIN_COLOURS = ((200, 200, 205), (150, 175, 200), (190, 170, 150))
 MAX_CLASSES = 24
 SPLIT_CODES = {"train": 0, "val": 1}
 
@@ -222,11 +234,14 @@ def _place_objects(rng: np.random.Generator, size: int, labels: list[int]) -> li
 
 
 def render_scene(
-    rng: np.random.Generator, size: int, num_classes: int, bias: float = 0.8, max_objects: int = 3
+    rng: np.random.Generator, size: int, num_classes: int, bias: float = 0.8, max_objects: int = 3,
+    parts: float = 0.0, plain: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Draw one image: ``(image uint8 (S, S, 3), mask uint8 (S, S), info)``.
 
-    ``info`` holds the background scene and the objects (as dicts of :class:`SynthObject`).
+    ``info`` holds the background scene (``plain`` for a plain field) and the objects (as dicts of
+    :class:`SynthObject`). ``parts`` and ``plain`` are described in the module docstring; at 0 they draw nothing
+    from ``rng``, so the images are those of a generator without them.
     """
     count = int(rng.integers(1, max_objects + 1))
     labels = [int(v) for v in rng.integers(1, num_classes + 1, size=count)]
@@ -237,8 +252,13 @@ def render_scene(
     else:
         others = [b for b in BACKGROUNDS if b != preferred]
         scene = others[int(rng.integers(len(others)))]
-    image = background_texture(scene, rng, size, size).copy()
-    _add_distractors(rng, image, scene)
+    if plain > 0 and rng.random() < plain:
+        scene = "plain"
+        colour = np.array(PLAIN_COLOURS[int(rng.integers(len(PLAIN_COLOURS)))]) / 255.0
+        image = np.broadcast_to(colour, (size, size, 3)) + 0.015 * smooth_noise(rng, size, size, 2)[..., None]
+    else:
+        image = background_texture(scene, rng, size, size).copy()
+        _add_distractors(rng, image, scene)
 
     mask = np.zeros((size, size), dtype=np.uint8)
     objects = _place_objects(rng, size, labels)
@@ -252,6 +272,12 @@ def render_scene(
         period = rng.uniform(5.0, 8.0) * size / 96.0
         weight = _texture(texture, u, v, obj.radius, period, rng.uniform(0, period))[..., None]
         paint = colour_a * (1 - weight) + colour_b * weight
+        if parts > 0:
+            # The side beyond u = 1 - 2 * parts (in radius units, along the object's own axis) is the shared part.
+            shared = u > 1.0 - 2.0 * parts
+            stripes = (np.floor((v * obj.radius) / max(period / 3, 1.0)) % 2)[..., None]
+            common = np.array(SHARED_PART[0]) / 255.0 * (1 - stripes) + np.array(SHARED_PART[1]) / 255.0 * stripes
+            paint = np.where(shared[..., None], common, paint)
         image[inside] = paint[inside]
         mask[inside] = obj.label
     image += rng.normal(0.0, 0.02, size=image.shape)
@@ -278,6 +304,8 @@ def make_synthetic(
     bias: float = 0.8,
     max_objects: int = 3,
     image_format: str = "jpg",
+    parts: float = 0.0,
+    plain: float = 0.0,
     progress: bool = False,
 ) -> Path:
     """Write a synthetic VOC-layout dataset to ``out`` and return ``out``.
@@ -285,7 +313,8 @@ def make_synthetic(
     Writes ``classes.txt`` (``background`` first), ``JPEGImages/<id>.jpg`` (quality 95; or ``.png`` with
     ``image_format='png'``), ``SegmentationClass/<id>.png``, ``ImageSets/Segmentation/{train,val}.txt`` and
     ``synth.json`` (settings and every object's geometry). Ids are ``train_00000``, ``val_00000``, ...
-    Bad settings raise :class:`ConfigError`.
+    ``parts`` (in [0, 1)) and ``plain`` (in [0, 1]) switch on the shared object parts and the plain backgrounds of
+    the module docstring. Bad settings raise :class:`ConfigError`.
     """
     if not 1 <= num_classes <= MAX_CLASSES:
         raise ConfigError(f"num_classes must lie in 1..{MAX_CLASSES}, got {num_classes}")
@@ -297,10 +326,13 @@ def make_synthetic(
         raise ConfigError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
     if not 0.0 <= bias <= 1.0 or max_objects < 1:
         raise ConfigError("bias must lie in [0, 1] and max_objects be >= 1")
+    if not 0.0 <= parts < 1.0 or not 0.0 <= plain <= 1.0:
+        raise ConfigError(f"parts must lie in [0, 1) and plain in [0, 1], got parts={parts}, plain={plain}")
     out = Path(out)
     names = class_names(num_classes)
     meta: dict[str, Any] = {
         "seed": seed, "size": size, "num_classes": num_classes, "bias": bias, "max_objects": max_objects,
+        "parts": parts, "plain": plain,
         "classes": names,
         "preferred_background": {name: preferred_background(k) for k, name in enumerate(names) if k > 0},
         "images": {},
@@ -310,7 +342,7 @@ def make_synthetic(
     for split, i in tqdm(jobs, desc="synth", disable=not progress):
         # One generator per image, so an image does not depend on how many others are made.
         rng = np.random.default_rng([seed, SPLIT_CODES[split], i])
-        image, mask, info = render_scene(rng, size, num_classes, bias, max_objects)
+        image, mask, info = render_scene(rng, size, num_classes, bias, max_objects, parts, plain)
         image_id = f"{split}_{i:05d}"
         write_bytes_atomic(out / "JPEGImages" / f"{image_id}.{image_format}", _encode_image(image, image_format))
         write_mask(out / "SegmentationClass" / f"{image_id}.png", mask)

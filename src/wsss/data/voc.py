@@ -21,11 +21,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from ..errors import ConfigError, DataError
 from .classes import ClassSet
-from .io import IGNORE_INDEX, read_image, read_mask
+from .io import IGNORE_INDEX, open_image, read_image, read_mask
 from .layout import LABEL_FILE_NAMES, ImageFolder, find_labels_file, read_labels_file, read_split
 from .transforms import mask_to_tensor, to_tensor
 
@@ -182,7 +182,7 @@ class VOCDataset(torch.utils.data.Dataset):
         """``(H, W)`` of an image, read from its header only."""
         path = self._image_paths[index]
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:  # over the pixel limit: a DataError, as read_image would raise
                 return im.height, im.width
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(path, f"cannot decode image ({exc})") from exc

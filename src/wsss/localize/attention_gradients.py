@@ -3,11 +3,14 @@ backward, and each class's query row of every read block's attention and gradien
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..models.vit import Capture, ViTOutput
-from .base import Localizer, batched_grads, class_logits, query_rows
+from .base import Footprint, Localizer, batched_grads, class_logits, query_rows
 
 
 def class_rows(attn: Tensor, grads: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -20,9 +23,16 @@ def class_rows(attn: Tensor, grads: Tensor, rows: Tensor) -> tuple[Tensor, Tenso
 
 
 def checked_layer(layer: int, depth: int) -> int:
-    """A block index in ``-depth..depth-1`` as a non-negative index; anything else is a ValueError."""
+    """A block index in ``-depth..depth-1`` as a non-negative index; anything else is a :class:`ConfigError`.
+
+    An out-of-range start would read no block at all and give all-zero maps, so it is refused up front.
+    """
+    if isinstance(layer, bool) or not isinstance(layer, Integral):
+        raise ConfigError(f"start_layer must be a block index, got {layer!r}")
+    layer = int(layer)
     if not -depth <= layer < depth:
-        raise ValueError(f"start_layer {layer} is out of range for a {depth}-block model (use 0..{depth - 1})")
+        raise ConfigError(f"start_layer {layer} is out of range for a {depth}-block model (use 0..{depth - 1}, "
+                          f"or -{depth}..-1 from the last)")
     return layer % depth
 
 
@@ -34,6 +44,15 @@ class AttentionGradients(Localizer):
 
     # Whether the method also reads every block's patch-to-patch attention (ACR's affinity does).
     reads_all_attention: bool = False
+
+    def memory_footprint(self) -> Footprint:
+        """The blocks from ``start_layer`` keep their attention and graph and get a gradient per class; reading
+        every block (ACR's affinity) keeps them all plus a head-mean stack of them."""
+        depth = self.model.depth
+        n = depth - checked_layer(self.start_layer, depth)
+        every = self.reads_all_attention
+        return Footprint(self.model.num_heads, self.model.embed_dim, kept_blocks=depth if every else n,
+                         grad_blocks=n, graph_blocks=n, headless_maps=depth + 1 if every else 0)
 
     def class_token_rows(self, images: Tensor, classes: Tensor) -> tuple[ViTOutput, list[tuple[Tensor, Tensor]]]:
         """``(out, rows)``: each read block's ``(attention row, gradient row)`` of each class, ``(B, K, H, T)``."""

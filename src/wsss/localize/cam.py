@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..models.vit import Capture, ViTOutput
-from .base import Localizer
+from .base import Footprint, Localizer
 
 
 def class_activation(model, out: ViTOutput, classes: Tensor) -> Tensor:
@@ -21,6 +21,10 @@ def class_activation(model, out: ViTOutput, classes: Tensor) -> Tensor:
 
 class CAM(Localizer):
     """Class activation maps of the classifier (Zhou et al.), read off the transformer's patch tokens."""
+
+    def memory_footprint(self) -> Footprint:
+        """No attention is kept (the blocks take the fast path): only one block's transient attention counts."""
+        return Footprint(self.model.num_heads, self.model.embed_dim)
 
     def token_maps(self, images: Tensor, classes: Tensor) -> Tensor:
         out = self.model(images, capture=Capture())

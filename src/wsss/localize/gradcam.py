@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..models.vit import Capture
-from .base import Localizer, ScoreFn, batched_grads, class_logits
+from .base import Footprint, Localizer, ScoreFn, batched_grads, class_logits
 
 
 class GradCAM(Localizer):
@@ -22,6 +22,12 @@ class GradCAM(Localizer):
         self.block = block % model.depth
         if self.block == 0:
             raise ValueError("gradcam needs a block with a block before it (the tokens entering it)")
+
+    def memory_footprint(self) -> Footprint:
+        """No attention is kept (fast path); the blocks from the one before ``block`` keep a graph, and the tokens
+        entering ``block`` get a gradient per class."""
+        n = self.model.depth - (self.block - 1)
+        return Footprint(self.model.num_heads, self.model.embed_dim, graph_blocks=n, token_grads=1)
 
     def token_maps(self, images: Tensor, classes: Tensor) -> Tensor:
         src = self.block - 1  # the block whose output enters self.block

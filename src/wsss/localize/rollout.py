@@ -6,11 +6,15 @@ import torch
 from torch import Tensor
 
 from ..models.vit import Capture
-from .base import Localizer, query_rows
+from .base import Footprint, Localizer, query_rows
 
 
 class Rollout(Localizer):
     """Class-agnostic: every class of an image gets its class-token row (MCT heads: the class's own token)."""
+
+    def memory_footprint(self) -> Footprint:
+        """Every block's attention, plus the identity, the running product and one step, each (T, T)."""
+        return Footprint(self.model.num_heads, self.model.embed_dim, kept_blocks=self.model.depth, headless_maps=3)
 
     def token_maps(self, images: Tensor, classes: Tensor) -> Tensor:
         out = self.model(images, capture=Capture(attn=True))

@@ -14,17 +14,17 @@ Files written before the spec had a version (version 1) still load: their mean/s
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 from torch import nn
 
-from ..errors import CheckpointError
+from ..data.io import atomic_path
+from ..errors import CheckpointError, naming
 from .factory import create_model, load_into
 from .segmenter import SegmentationModel
 from .vit import VisionTransformer
@@ -72,6 +72,13 @@ class ModelSpec:
         unknown = sorted(set(data) - known)
         if unknown:
             raise CheckpointError(f"{source}: unknown spec entries {unknown} (written by a newer wsss?)")
+        wrong = [f"{key} should be {what}" for key, (kinds, what) in _SPEC_TYPES.items()
+                 if key in data and not _is(data[key], kinds)]
+        if isinstance(data.get("classes"), list) and not all(isinstance(c, str) for c in data["classes"]):
+            wrong.append("classes should be a list of names")
+        if wrong:
+            raise CheckpointError(f"{source}: malformed spec ({'; '.join(wrong)}); the file is damaged or was not "
+                                  f"written by wsss")
         try:
             spec = cls(**data)
             spec.img_size = tuple(int(v) for v in spec.img_size)
@@ -82,6 +89,21 @@ class ModelSpec:
         if len(spec.mean) != 3 or len(spec.std) != 3 or len(spec.img_size) != 2:
             raise CheckpointError(f"{source}: malformed spec (mean/std need 3 values, img_size 2)")
         return spec
+
+
+# The JSON types of the spec's entries (an int is no bool; None where the entry is optional).
+_SPEC_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "arch": ((str,), "a backbone name"), "head": ((str,), "a head name"), "pool": ((str,), "a pooling name"),
+    "num_classes": ((int,), "an integer"), "img_size": ((list, tuple), "[height, width]"),
+    "segmenter": ((dict, type(None)), "a mapping or null"), "classes": ((list, type(None)), "a list or null"),
+    "mean": ((list, tuple), "3 numbers"), "std": ((list, tuple), "3 numbers"),
+    "method": ((str, type(None)), "a method name or null"), "config": ((dict, type(None)), "a mapping or null"),
+    "version": ((int,), "an integer"),
+}
+
+
+def _is(value: Any, kinds: tuple[type, ...]) -> bool:
+    return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
 
 
 def describe(model: nn.Module, arch: str, classes: Sequence[str] | None = None,
@@ -98,13 +120,15 @@ def describe(model: nn.Module, arch: str, classes: Sequence[str] | None = None,
 
 
 def save(path: str | Path, model: nn.Module, spec: ModelSpec) -> None:
-    """Write the weights (contiguous CPU copies) and ``spec`` atomically to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the weights (contiguous CPU copies) and ``spec`` atomically to ``path`` (never through a symlink)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={META_KEY: spec.to_json()})
-    os.replace(tmp, path)
+    # A fresh temporary file renamed onto ``path``: a kill or a full disk leaves the old file, and a symlink at
+    # ``path`` is replaced by the file, never written through.
+    # Serialised in memory and written by Python, so that a full disk is an OSError naming the file (safetensors'
+    # own writer raises its own error type).
+    data = save_bytes(state, metadata={META_KEY: spec.to_json()})
+    with naming(path), atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def resolve(path: str | Path) -> Path:
@@ -156,14 +180,14 @@ def load(path: str | Path, device: torch.device | str | None = None) -> tuple[nn
     weights loaded strictly, in eval mode (on ``device`` if given)."""
     path = resolve(path)
     spec = read_spec(path)
-    model = build(spec)
+    model = build(spec, source=str(path))
     load_into(model, load_state_dict(path), source=str(path))
     model.eval()
     return (model if device is None else model.to(device)), spec
 
 
-def build(spec: ModelSpec) -> nn.Module:
-    """A freshly initialised model of the architecture ``spec`` describes."""
+def build(spec: ModelSpec, source: str = "checkpoint") -> nn.Module:
+    """A freshly initialised model of the architecture ``spec`` (read from ``source``) describes."""
     try:
         backbone = create_model(spec.arch, head=spec.head, pool=spec.pool, num_classes=spec.num_classes,
                                 img_size=tuple(spec.img_size))
@@ -173,7 +197,8 @@ def build(spec: ModelSpec) -> nn.Module:
         return SegmentationModel(backbone, seg["num_classes"], levels=seg["levels"], dim=seg["dim"],
                                  dropout=seg.get("dropout", 0.1))
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"the checkpoint's architecture cannot be built ({exc}); spec {spec}") from exc
+        raise CheckpointError(f"{source}: the architecture its spec describes cannot be built ({exc}); the file is "
+                              f"damaged or from another wsss version") from exc
 
 
 def upgrade(path: str | Path, mean: Sequence[float], std: Sequence[float], method: str | None = None) -> ModelSpec:
@@ -185,7 +210,7 @@ def upgrade(path: str | Path, mean: Sequence[float], std: Sequence[float], metho
     if "version" in data:
         raise CheckpointError(f"{path}: already a version-{data['version']} checkpoint")
     spec = ModelSpec.from_dict(_version_1_fields(data, mean, std, method), source=str(path))
-    model = build(spec)
+    model = build(spec, source=str(path))
     load_into(model, load_state_dict(path), source=str(path))
     save(path, model, spec)
     return spec

@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,6 +75,19 @@ class PseudoSettings:
 
     def maps_path(self, image_id: str) -> Path:
         return self.maps_dir / f"{image_id}.npz"
+
+    def describe(self) -> dict[str, Any]:
+        """Every setting as JSON data (folders as absolute paths, a CRF's parameters as a dict), for the manifest
+        of an output folder: two runs with equal descriptions write the same labels from the same inputs."""
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, Path):
+                value = str(value.expanduser().resolve())
+            elif isinstance(value, CRFParams):
+                value = asdict(value)
+            out[name] = value
+        return out
 
 
 def _read_affinity(path: Path) -> tuple[torch.Tensor, tuple[int, int]]:

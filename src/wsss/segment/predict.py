@@ -16,6 +16,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..data.io import write_mask
+from ..data.manifest import OutputManifest
 from ..data.transforms import eval_transforms
 from ..data.voc import VOCDataset
 from ..models.multiview import sum_over_views
@@ -52,20 +53,30 @@ def probs_to_labels(probs: Tensor, image: np.ndarray | None = None, crf: str | C
 def predict_split(model: SegmentationModel, dataset: VOCDataset, out_dir: str | Path,
                   scales: Sequence[float] = (1.0,), flip: bool = False, crf: str | CRFParams | None = None,
                   mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
-                  device: torch.device | str = "cpu", limit: int | None = None) -> tuple[int, int]:
+                  device: torch.device | str = "cpu", limit: int | None = None,
+                  manifest: OutputManifest | None = None) -> tuple[int, int]:
     """Write ``out_dir/<id>.png`` (atomic, VOC palette) for every image of ``dataset`` (the first ``limit`` ones if
     given) that has none yet.
 
-    Returns ``(written, skipped)``. Images are processed one at a time at their own size.
+    With ``manifest`` (the :class:`~wsss.data.manifest.OutputManifest` of ``out_dir``) "has one" means "the manifest
+    lists it unchanged": any other PNG is recomputed and replaced, and every PNG written is recorded. Without it any
+    existing PNG counts as done. Returns ``(written, skipped)``. Images are processed one at a time at their own size.
     """
     out_dir = Path(out_dir)
     transform = eval_transforms(None, mean, std)
     count = len(dataset) if limit is None else min(limit, len(dataset))
-    todo = [i for i in range(count) if not (out_dir / f"{dataset.ids[i]}.png").is_file()]
+    names = {i: f"{dataset.ids[i]}.png" for i in range(count)}
+    if manifest is None:
+        todo = [i for i in range(count) if not (out_dir / names[i]).is_file()]
+    else:
+        manifest.warn_untrusted(names.values())
+        todo = [i for i in range(count) if not manifest.trusted(names[i])]
     model = model.to(device).eval()
     for i in tqdm(todo, desc="predict", unit="img"):
         image = dataset.load_image(i)
         tensor, _ = transform(image)
         probs = predict_probs(model, tensor[None].to(device), scales, flip)[0]
-        write_mask(out_dir / f"{dataset.ids[i]}.png", probs_to_labels(probs, image, crf))
+        write_mask(out_dir / names[i], probs_to_labels(probs, image, crf))
+        if manifest is not None:
+            manifest.record(names[i])
     return len(todo), count - len(todo)

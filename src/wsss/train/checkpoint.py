@@ -5,8 +5,10 @@ never leaves a half-written checkpoint, and ``latest`` names the newest complete
 
 from __future__ import annotations
 
+import io
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,11 @@ import torch
 from torch import nn
 
 from ..data.io import write_bytes_atomic
-from ..errors import CheckpointError
+from ..errors import CheckpointError, naming
 from ..models.checkpoint import MODEL_FILE, ModelSpec, save
 
 STATE_FILE = "state.pt"
+STEP_NAME = re.compile(r"step_\d{7,}")
 
 
 class CheckpointManager:
@@ -34,9 +37,17 @@ class CheckpointManager:
         pointer = self.root / "latest"
         if not pointer.is_file():
             return None
-        path = self.root / pointer.read_text().strip()
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{pointer}: unreadable ({exc}); write the name of a checkpoint folder into it "
+                                  f"(e.g. step_0000100)") from exc
+        if not STEP_NAME.fullmatch(name):
+            raise CheckpointError(f"{pointer}: should name a checkpoint folder like step_0000100, holds {name[:40]!r}")
+        path = self.root / name
         if not (path / MODEL_FILE).is_file() or not (path / STATE_FILE).is_file():
-            raise CheckpointError(f"{pointer}: points at an incomplete checkpoint {path}")
+            raise CheckpointError(f"{pointer}: points at an incomplete checkpoint {path}; write the name of a "
+                                  f"complete one into it")
         return path
 
     def save(self, step: int, model: nn.Module, spec: ModelSpec, state: dict[str, Any]) -> Path:
@@ -44,10 +55,17 @@ class CheckpointManager:
         name = f"step_{step:07d}"
         final = self.root / name
         tmp = self.root / f".{name}.tmp"
+        if tmp.is_symlink():  # never write through a link
+            tmp.unlink()
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save(tmp / MODEL_FILE, model, spec)
-        torch.save(state, tmp / STATE_FILE)
+        # Serialised in memory and written by Python: torch.save to a path turns a full disk into an opaque
+        # RuntimeError, a Python write raises the OSError (ENOSPC) that the command line reports by name.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        with naming(tmp / STATE_FILE):
+            (tmp / STATE_FILE).write_bytes(buffer.getvalue())
         # Saving a step again (a finished run resumed): move the old copy aside first, so that ``latest`` never
         # names a missing folder, whenever the process dies.
         old = self.root / f".{name}.old"
@@ -72,7 +90,10 @@ class CheckpointManager:
         try:
             return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"{path / STATE_FILE}: cannot read training state ({exc})") from exc
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # torch appends pages of advice
+            raise CheckpointError(f"{path / STATE_FILE}: cannot read training state ({first}); write the name "
+                                  f"of an earlier step_* folder into {path.parent / 'latest'} to resume from "
+                                  f"it") from exc
 
 
 def rng_state() -> dict[str, Any]:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from ..device import DEVICE_NAME
@@ -44,6 +45,8 @@ PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what every generator the run seeds accepts
+PathText = Annotated[str, Field(min_length=1)]  # a file or folder; "" would silently mean the working directory
 
 
 def _is_int(value: Any) -> bool:
@@ -85,6 +88,12 @@ def _hide_patches(value: Any) -> list:
     raise PydanticCustomError("hide_patches", "should be [size, p] with an integer size >= 1 and 0 <= p < 1")
 
 
+def _split_name(value: str) -> str:
+    if not value or "/" in value or "\\" in value or value in (".", ".."):
+        raise PydanticCustomError("split", "should be a split name (ImageSets/Segmentation/<name>.txt), not a path")
+    return value
+
+
 def _thresholds(values: list[float]) -> list[float]:
     start, stop, step = values
     if step <= 0 or stop <= start:
@@ -98,6 +107,7 @@ FloatRange = Annotated[list[PositiveFloat], Field(min_length=2, max_length=2), A
 Colour = Annotated[list[float], Field(min_length=3, max_length=3)]
 PositiveColour = Annotated[list[PositiveFloat], Field(min_length=3, max_length=3)]
 ThresholdGrid = Annotated[list[float], Field(min_length=3, max_length=3), AfterValidator(_thresholds)]
+SplitName = Annotated[str, AfterValidator(_split_name)]
 
 
 def _choice(value: str, choices: Sequence[str], what: str) -> str:
@@ -113,7 +123,7 @@ class ModelSection(_Section):
     """The backbone: a preset of :func:`wsss.models.list_models`, optional weights, the classifier head."""
 
     name: str = "vit_tiny_patch16_224"
-    weights: str | None = None
+    weights: PathText | None = None
     head: str = "token"
     pool: Literal["avg", "max"] = "avg"
     drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0
@@ -178,14 +188,15 @@ class TransformsSection(_Section):
 class DataSection(_Section):
     """The training split and its loader."""
 
-    root: str | None = None
-    split: str = "train"
+    root: PathText | None = None
+    split: SplitName = "train"
     batch_size: PositiveInt = 8  # per process
     num_workers: NonNegativeInt = 2
     min_label_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0  # smaller classes do not count as present
-    mask_dir: str | None = None  # masks from another folder (pseudo labels) instead of ROOT/SegmentationClass
-    saliency_dir: str | None = None  # saliency maps <dir>/<id>.png for the objectives that use them (GETAM)
-    labels_file: str | None = None  # image-level labels of a split without masks (default ROOT/labels.json or .csv)
+    mask_dir: PathText | None = None  # masks from another folder (pseudo labels) instead of ROOT/SegmentationClass
+    saliency_dir: PathText | None = None  # saliency maps <dir>/<id>.png for the objectives that use them (GETAM)
+    # Image-level labels of a split without masks (default ROOT/labels.json or .csv).
+    labels_file: PathText | None = None
     transforms: TransformsSection = Field(default_factory=TransformsSection)
 
 
@@ -195,13 +206,22 @@ class OptimSection(_Section):
     name: Literal["adamw", "sgd"] = "adamw"
     lr: PositiveFloat = 1e-4
     weight_decay: NonNegativeFloat = 0.05
-    momentum: NonNegativeFloat = 0.9
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     head_lr_mult: PositiveFloat = 1.0
     schedule: Literal["cosine", "poly", "constant"] = "cosine"
     warmup_steps: NonNegativeInt = 0
     poly_power: PositiveFloat = 0.9
     min_lr: NonNegativeFloat = 0.0
     authors_sgd_quirk: bool = False  # see wsss.train.optim.build_optimizer
+
+    @field_validator("min_lr")
+    @classmethod
+    def _floor_below_lr(cls, min_lr: float, info: ValidationInfo) -> float:
+        lr = info.data.get("lr")  # absent when lr itself was invalid
+        if lr is not None and min_lr > lr:
+            raise PydanticCustomError("min_lr", "should be at most optim.lr ({lr}): the schedule decays from lr "
+                                      "towards min_lr", {"lr": lr})
+        return min_lr
 
 
 class TrainSection(_Section):
@@ -220,7 +240,7 @@ class ValSection(_Section):
     """Validation of the maps during training (0 = never)."""
 
     every: NonNegativeInt = 0
-    split: str = "val"
+    split: SplitName = "val"
     method: str = "cam"
     limit: PositiveInt | None = None
     scales: Annotated[list[PositiveFloat], Field(min_length=1)] = [1.0]
@@ -239,7 +259,7 @@ class ValSection(_Section):
 class TrainingConfig(_Section):
     """A whole training config. ``method`` is checked by the registered method (see :func:`resolve_method`)."""
 
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     run_dir: Annotated[str, Field(min_length=1)] = "runs/train"
     device: str = "auto"
     model: ModelSection = Field(default_factory=ModelSection)

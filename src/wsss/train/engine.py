@@ -26,19 +26,20 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..data.io import write_bytes_atomic
 from ..data.transforms import build_transforms
 from ..data.voc import VOCDataset, collate
 from ..device import resolve_device
-from ..errors import CheckpointError, ConfigError, WSSSError
+from ..errors import CARRIED, CheckpointError, ConfigError, WorkerFailure, WSSSError, naming
 from ..methods import get_method
 from ..models import create_model, load_into
-from ..models.checkpoint import MODEL_FILE, describe, save
+from ..models.checkpoint import MODEL_FILE, describe, read_spec, save
 from ..models.weights import load_state_dict
-from .checkpoint import CheckpointManager, rng_state, set_rng_state
-from .config import dump_config, flatten, parse_yaml
+from .checkpoint import STATE_FILE, CheckpointManager, rng_state, set_rng_state
+from .config import dump_config, flatten, read_yaml
 from .distributed import DistInfo, all_gather_objects, all_reduce_mean, barrier, init_distributed, shutdown
 from .objectives import build_objective
 from .optim import build_optimizer, build_scheduler
@@ -47,6 +48,11 @@ from .sampler import ResumableBatchSampler
 from .validate import map_grid, maps_sweep, sweep_result
 
 log = logging.getLogger("wsss.train")
+
+# Settings a resumed run may change freely: they say where, how long and how observed it runs, not what it learns.
+# Any other change needs --allow-changes (and is recorded in train.log).
+RESUMABLE = ("run_dir", "device", "data.num_workers", "train.steps", "train.log_every", "train.ckpt_every",
+             "train.keep_checkpoints", "val.")
 
 
 class TrainingDiverged(WSSSError):
@@ -63,6 +69,42 @@ def seed_everything(seed: int) -> None:
 def worker_init(worker_id: int) -> None:
     """One thread per data worker: N workers x N torch threads would oversubscribe small machines."""
     torch.set_num_threads(1)
+
+
+class CarryErrors(Dataset):
+    """``dataset`` whose loading errors (:data:`~wsss.errors.CARRIED`) come back as a
+    :class:`~wsss.errors.WorkerFailure` item: a data-loader worker then hands the error itself to the main process,
+    where torch would re-create it from its message (which fails for :class:`~wsss.errors.DataError`)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except CARRIED as exc:
+            return WorkerFailure(exc)
+
+
+def collate_carrying(samples: list[Any]) -> Any:
+    """:func:`~wsss.data.voc.collate`, or the first :class:`~wsss.errors.WorkerFailure` among ``samples``."""
+    for sample in samples:
+        if isinstance(sample, WorkerFailure):
+            return sample
+    return collate(samples)
+
+
+def changed_settings(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old, new)}`` of every setting that differs between two configs (a key one lacks is None)."""
+    old, new = flatten(old), flatten(new)
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def _describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
 
 class Trainer:
@@ -115,6 +157,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, keep=t["keep_checkpoints"])
         self.runlog = RunLog(self.run_dir, enabled=self.dist.is_main)
         self.step = 0
+        self.notes: list[tuple[int, str]] = []  # (log level, message) of the resume checks, for train.log
 
     # ------------------------------------------------------------------------------------------------ state
 
@@ -127,21 +170,43 @@ class Trainer:
             state["objective"] = self.objective.state_dict()
         return state
 
-    def resume(self) -> bool:
-        """Restore the newest checkpoint of the run folder; False when there is none."""
+    def resume(self, fresh_optimizer: bool = False, allow_changes: bool = False) -> bool:
+        """Restore the newest checkpoint of the run folder; False when there is none.
+
+        ``fresh_optimizer`` keeps the new optimiser's initial state (the optimiser settings changed) with the
+        schedule moved to the checkpoint's step; so does ``allow_changes`` when the saved state is another
+        optimiser's, which is otherwise a :class:`CheckpointError`. What it decided is in :attr:`notes`."""
         path = self.ckpt.latest()
         if path is None:
             return False
         load_into(self.model, load_state_dict(path / MODEL_FILE), source=str(path / MODEL_FILE))
         state = self.ckpt.load_state(path)
+        step = state.get("step") if isinstance(state, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0 or "optimizer" not in state:
+            raise CheckpointError(f"{path / STATE_FILE}: not a wsss training state (no step or optimiser state); "
+                                  f"write the name of an earlier step_* folder into {self.ckpt.root / 'latest'} to "
+                                  f"resume from it")
+        if not fresh_optimizer:
+            mismatch = self._optimizer_mismatch(state["optimizer"])
+            if mismatch and not allow_changes:
+                raise CheckpointError(f"{path / STATE_FILE}: holds the state of another optimiser ({mismatch}); "
+                                      f"resume with the run's optim settings, or pass --allow-changes to start a "
+                                      f"fresh optimiser state")
+            if mismatch:
+                self.notes.append((logging.WARNING, f"{path / STATE_FILE} holds the state of another optimiser "
+                                                    f"({mismatch}): starting a fresh optimiser state"))
+                fresh_optimizer = True
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            if fresh_optimizer:
+                self._schedule_at(step)
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
             if "objective" in state:
                 self.objective.load_state_dict(state["objective"])
-        except (KeyError, ValueError, RuntimeError) as exc:
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CheckpointError(f"{path}: the training state does not fit this config ({exc})") from exc
-        self.step = int(state["step"])
+        self.step = step
         rngs = state["rng"]
         if len(rngs) != self.dist.world_size:
             log.warning("%s was saved by %d processes, resumed by %d: random streams restart, so the run will not "
@@ -151,20 +216,75 @@ class Trainer:
             set_rng_state(rngs[self.dist.rank])
         return True
 
-    def _check_run_dir(self, resume: bool, resumed: bool) -> None:
-        """A new run never writes over an old one; a resumed one says which settings changed. Rank 0 decides for
-        every process (the others may not see the folder)."""
-        config_file = self.run_dir / "config.yaml"
+    def _optimizer_mismatch(self, saved: dict[str, Any]) -> str:
+        """Why a saved optimiser state cannot be loaded into this optimiser ('' when it can). torch would load
+        another optimiser's groups and fail at the first step (``KeyError: 'momentum'``)."""
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            return "no parameter groups"
+        if len(groups) != len(self.optimizer.param_groups):
+            return f"{len(groups)} parameter groups, this one has {len(self.optimizer.param_groups)}"
+        have = {k for g in groups for k in g}
+        missing = sorted({k for g in self.optimizer.param_groups for k in g} - have)
+        return f"no {', '.join(missing)} of {type(self.optimizer).__name__}" if missing else ""
+
+    def _schedule_at(self, step: int) -> None:
+        """Move the (fresh) scheduler to ``step``: the learning rates the schedule gives there."""
+        scheduler = self.scheduler
+        scheduler.last_epoch = step
+        for group, base, factor in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(step)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _resume_changes(self) -> dict[str, tuple[Any, Any]]:
+        """The settings that differ from those the newest checkpoint was trained with (its spec's config, else the
+        run's ``config.yaml``); empty without a checkpoint. Rank 0 decides for every process."""
+        changes: dict[str, tuple[Any, Any]] = {}
+        error: WSSSError | None = None
+        if self.dist.is_main:
+            try:
+                path = self.ckpt.latest()
+                old = None
+                if path is not None:
+                    old = read_spec(path / MODEL_FILE).config
+                    config_file = self.run_dir / "config.yaml"
+                    if old is None and config_file.is_file():
+                        old = read_yaml(config_file)  # a ConfigError naming the file if it is not a config
+                changes = changed_settings(old, self.cfg) if old is not None else {}
+            except WSSSError as exc:  # raised on every process, not only here (the others would wait forever)
+                error = exc
+        changes, error = all_gather_objects((changes, error), self.dist)[0]
+        if error is not None:
+            raise error
+        return changes
+
+    def _check_run_dir(self, resume: bool) -> None:
+        """A new run never writes over an old one. Rank 0 decides for every process (the others may not see the
+        folder)."""
         taken = self.dist.is_main and not resume and (self.ckpt.root.exists() or (self.run_dir / MODEL_FILE).exists())
         if all_gather_objects(taken, self.dist)[0]:
             raise ConfigError(f"{self.run_dir} already holds a training run; pass --resume to continue it, or "
                               f"choose another run_dir")
-        if resumed and config_file.is_file() and self.dist.is_main:
-            old, new = flatten(parse_yaml(config_file.read_text()) or {}), flatten(self.cfg)
-            changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-            if changed:
-                log.warning("resuming with changed settings: %s",
-                            ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
+
+    def _check_changes(self, resume: bool, allow_changes: bool) -> bool:
+        """Refuse a resume whose settings changed beyond :data:`RESUMABLE` unless ``allow_changes``; note every
+        change for the run log. Returns whether the optimiser settings changed (a fresh optimiser state)."""
+        changes = self._resume_changes() if resume else {}
+        free = {k: v for k, v in changes.items() if k.startswith(RESUMABLE)}
+        kept = {k: v for k, v in changes.items() if k not in free}
+        if kept and not allow_changes:
+            raise ConfigError(f"{self.run_dir}: resuming with changed settings {_describe_changes(kept)}; pass "
+                              f"--resume --allow-changes to continue with them, or give the run's values")
+        if free:
+            self.notes.append((logging.INFO, f"resuming with changed settings: {_describe_changes(free)}"))
+        if kept:
+            self.notes.append((logging.WARNING, f"resuming with changed settings (--allow-changes): "
+                                                f"{_describe_changes(kept)}"))
+        fresh = any(k.startswith("optim.") for k in kept)
+        if fresh:
+            self.notes.append((logging.WARNING, "the optim settings changed: the optimiser state starts afresh at "
+                                                "the checkpoint's step"))
+        return fresh
 
     # ------------------------------------------------------------------------------------------------- data
 
@@ -179,10 +299,15 @@ class Trainer:
             # objective's sampling) is not advanced at epoch starts, which a resumed run could not repeat.
             generator = torch.Generator().manual_seed(self.cfg["seed"] * 1_000_003 + epoch)
             workers = data["num_workers"]
-            loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
+            # In this process an error propagates as it is; workers hand theirs over as a WorkerFailure.
+            dataset, collate_fn = (CarryErrors(self.dataset), collate_carrying) if workers else (self.dataset, collate)
+            loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=collate_fn,
                                 pin_memory=self.device.type == "cuda", generator=generator,
                                 worker_init_fn=worker_init if workers else None)
-            yield from loader
+            for batch in loader:
+                if isinstance(batch, WorkerFailure):
+                    batch.reraise()
+                yield batch
             epoch, offset = epoch + 1, 0
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -242,26 +367,37 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------------- fit
 
-    def fit(self, resume: bool = False) -> dict[str, Any]:
+    def fit(self, resume: bool = False, allow_changes: bool = False) -> dict[str, Any]:
         """Train to ``train.steps`` and return the last logged scalars (with ``val`` results when validating).
 
         Writes (rank 0) ``config.yaml``, ``train.log``, ``metrics.jsonl``, ``checkpoints/``, the final
-        ``model.safetensors`` and ``summary.json`` into ``run_dir``. ``resume`` continues from the newest checkpoint
-        there (a fresh start when there is none); without it an existing run folder is an error.
+        ``model.safetensors`` and ``summary.json`` into ``run_dir``, each atomically. ``resume`` continues from the
+        newest checkpoint there (a fresh start when there is none); without it an existing run folder is an error.
+        A resume whose settings differ from the checkpoint's in more than :data:`RESUMABLE` is a
+        :class:`ConfigError` unless ``allow_changes``; changed optim settings then start a fresh optimiser state.
+        Every check is made before anything in ``run_dir`` is touched.
         """
         cfg, t_cfg, main = self.cfg, self.cfg["train"], self.dist.is_main
         summary: dict[str, Any] = {}
         batches, bar, finished = None, None, False
+        self.notes = []
         try:
-            resumed = self.resume() if resume else False
-            self._check_run_dir(resume, resumed)
+            self._check_run_dir(resume)
+            fresh_optimizer = self._check_changes(resume, allow_changes)
+            resumed = self.resume(fresh_optimizer, allow_changes) if resume else False
+            # The log opens after every check, so that a refused resume leaves the run folder as it was; what
+            # the checks noted is logged now, into train.log.
             self.runlog.open(self.step if resumed else None)
             if main and resumed:
                 log.info("resumed from %s at step %d", self.ckpt.latest(), self.step)
             elif main and resume:
                 log.info("no checkpoint in %s: starting from step 0", self.ckpt.root)
+            if main and resumed:
+                for level, message in self.notes:
+                    log.log(level, "%s", message)
             if main:
-                (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+                with naming(self.run_dir / "config.yaml"):
+                    write_bytes_atomic(self.run_dir / "config.yaml", dump_config(cfg).encode())
             self.model.train()
             batches = self._batches()  # after resume(): it starts at self.step
             bar = tqdm(total=self.total_steps, initial=self.step, disable=not main, desc="train", dynamic_ncols=True)
@@ -296,7 +432,8 @@ class Trainer:
                 summary["val"] = self.validate()
             if main:
                 save(self.run_dir / MODEL_FILE, self.model, self.spec)
-                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                with naming(self.run_dir / "summary.json"):
+                    write_bytes_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
             finished = True
         finally:
             if batches is not None:

@@ -1,6 +1,8 @@
 """What a training run writes besides checkpoints: ``train.log``, ``metrics.jsonl`` and TensorBoard events.
 
-Only rank 0 keeps a :class:`RunLog` open; the other ranks get a closed one whose methods do nothing.
+Only rank 0 keeps a :class:`RunLog` open; the other ranks get a closed one whose methods do nothing. The files are
+the run folder's own: a symlink in their place is replaced by a regular copy before anything is appended, so that a
+run never writes into a file it was pointed at.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..data.io import write_bytes_atomic
+from ..errors import naming
 
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
@@ -29,7 +34,23 @@ def trim_metrics(path: Path, last_step: int) -> None:
             continue
         if step <= last_step:
             kept.append(line + "\n")
-    path.write_text("".join(kept))
+    with naming(path):
+        write_bytes_atomic(path, "".join(kept).encode())
+
+
+def own_file(path: Path) -> None:
+    """Replace a symlink at ``path`` by a regular file with what it pointed at (nothing for a dangling link)."""
+    if path.is_symlink():
+        with naming(path):
+            write_bytes_atomic(path, path.read_bytes() if path.is_file() else b"")
+
+
+class _FileHandler(logging.FileHandler):
+    """A log file whose write errors (a full disk) are not printed as a traceback for every record: the run's next
+    checkpoint or metrics write reports the problem as an error that stops it."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
 
 
 class RunLog:
@@ -52,8 +73,10 @@ class RunLog:
         if resumed_step is None:
             metrics.unlink(missing_ok=True)
         else:
+            own_file(metrics)
             trim_metrics(metrics, resumed_step)
-        self._handler = logging.FileHandler(self.run_dir / LOG_FILE)
+        own_file(self.run_dir / LOG_FILE)
+        self._handler = _FileHandler(self.run_dir / LOG_FILE)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root = logging.getLogger("wsss")
         root.addHandler(self._handler)
@@ -79,7 +102,7 @@ class RunLog:
         flat = {"step": step, **{k: v for k, v in values.items() if isinstance(v, (int, float, str)) or v is None}}
         line = json.dumps(flat)
         logging.getLogger("wsss.train").info(line)
-        with open(self.run_dir / METRICS_FILE, "a") as f:
+        with naming(self.run_dir / METRICS_FILE), open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(line + "\n")
         if self.writer is not None:
             for key, value in flat.items():

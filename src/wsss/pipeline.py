@@ -1,0 +1,346 @@
+"""The WSSS protocol on a VOC-layout dataset: train each method, score its seeds, pseudo labels and segmentation.
+
+For each method (any registered in ``wsss methods``; plug-ins included):
+
+1. **train** on the train split's image labels with the method's recipe for this dataset, the preset
+   ``<method>_<recipe>`` (e.g. ``acr_msrc``);
+2. **seeds**: the method's own map (``own_map`` in the registry) on the train and on the eval images, mIoU at the
+   best background threshold of an exhaustive sweep (argmax over the present classes without a background class);
+3. **the matrix**: every map formula of the registry on every trained model, on the eval images, so that what
+   training adds is told apart from what the formula adds;
+4. **pseudo labels** on the train images with the method's own recipe (``PseudoRecipe`` in the registry), scored
+   against the train masks as the mIoU over the pixels they label and the fraction of the labelled ground-truth
+   pixels they label (coverage). A threshold rule uses the best threshold of the train sweep;
+5. **segmentation**: the ``segment_<recipe>`` preset trained on those pseudo labels, scored on the eval split
+   (every method's, only the best pseudo labels', or none: :attr:`PipelineSettings.segment`).
+
+References in the same run: the segmentation preset trained on the true train masks (``supervised``) and the two
+priors of :mod:`wsss.evaluate.priors`. All numbers are fractions in [0, 1]:
+
+    {"methods": {M: {"seed_train", "seed_eval", "pseudo_train": {"miou", "coverage"}, "segment_eval"}},
+     "maps": {M: {MAP: x}}, "priors": {"centre", "mean_mask"}, "supervised": {"segment_eval"}}
+
+Finished stages are kept in ``RUN_ROOT/stages.json``; with ``resume`` they are read back and interrupted training
+runs continue from their last checkpoint. ``benchmarks/pipeline.py`` and ``wsss demo`` both run this.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+from .data.io import load_maps, read_mask, save_maps, write_bytes_atomic, write_mask
+from .data.voc import VOCDataset
+from .errors import ConfigError
+from .evaluate import ConfusionMatrix
+from .evaluate.priors import centre_prior, mean_mask_prior, new_sweep
+from .localize.split import iter_split_maps
+from .methods import REGISTRY, Method, get_method
+from .models import SegmentationModel
+from .models.checkpoint import MODEL_FILE
+from .pseudo.generate import PseudoSettings, pseudo_label_for
+from .segment.predict import predict_split
+from .train import Trainer, load_config
+from .train.validate import maps_miou, sweep_result
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineSettings:
+    """What :func:`run_pipeline` runs. Paths are used as given; nothing is read from the environment."""
+
+    data: Path
+    run_root: Path
+    train_split: str = "train"
+    eval_split: str = "val"
+    methods: list[str] | None = None       # default: every method with a <method>_<recipe> preset
+    maps: list[str] | None = None          # formulas of the matrix; default: every registered map
+    matrix_of: list[str] | None = None     # methods whose models get every formula (None: all); the others get
+                                           # their own map and the CAM
+    recipe: str | None = None              # preset suffix; default: the data folder's name
+    weights: str | None = None             # model.weights of every run (None: the presets')
+    overrides: list[str] = field(default_factory=list)          # for every classifier run
+    segment_overrides: list[str] = field(default_factory=list)  # for every segmentation run
+    segment_preset: str | None = None      # default: segment_<recipe>
+    segment: Literal["all", "best", "none"] = "all"
+    supervised: bool = True                # also train the segmentation preset on the true masks
+    warm_start: str | None = None          # a method whose trained classifier initialises the other methods
+    limit: int | None = None               # score only the first N eval images
+    device: str = "cpu"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        self.data, self.run_root = Path(self.data), Path(self.run_root)
+        if self.segment not in ("all", "best", "none"):
+            raise ConfigError(f"segment must be 'all', 'best' or 'none', got {self.segment!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be a positive number of images, got {self.limit}")
+
+    @property
+    def recipe_name(self) -> str:
+        """The preset suffix: ``recipe``, else the data folder's name."""
+        return self.recipe or self.data.resolve().name
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that decide the numbers (not ``resume``), as JSON values."""
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "resume"}
+        out["data"] = str(self.data.resolve())
+        return out
+
+
+class Stages:
+    """Finished stage results, kept in ``path`` (JSON) with the settings that made them, so that a resumed pipeline
+    skips them; resuming with other settings is an error naming the difference (the cached numbers would not be the
+    new settings' numbers)."""
+
+    def __init__(self, path: Path, resume: bool, settings: dict[str, Any]):
+        self.path = path
+        self.settings = settings
+        self.done: dict[str, Any] = {}
+        if resume and path.is_file():
+            saved = json.loads(path.read_text())
+            old = saved.get("settings", {})
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            if changed:
+                listed = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+                raise ConfigError(f"{path}: the finished stages were made with other settings ({listed}); "
+                                  "resume with the same settings or use another run root")
+            self.done = saved.get("done", {})
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``'s result, computed once: later calls (and resumed runs) read it back."""
+        if name not in self.done:
+            start = time.perf_counter()
+            self.done[name] = fn()
+            log.info("%s: %.0f s", name, time.perf_counter() - start)
+            payload = {"settings": self.settings, "done": self.done}
+            write_bytes_atomic(self.path, json.dumps(payload, indent=1).encode())
+        return self.done[name]
+
+
+def pipeline_methods(settings: PipelineSettings) -> list[Method]:
+    """The methods to run: those named, or every registered method with a ``<method>_<recipe>`` preset."""
+    if settings.methods:
+        return [get_method(m) for m in settings.methods]
+    recipe = settings.recipe_name
+    found = [m for m in REGISTRY.wsss_methods() if f"{m.name}_{recipe}" in m.preset_names()]
+    if not found:
+        raise ConfigError(f"no method has a '<method>_{recipe}' preset; name a recipe or the methods")
+    return found
+
+
+def first_images(dataset: VOCDataset, limit: int | None) -> VOCDataset:
+    """A view of the first ``limit`` images of ``dataset`` (``dataset`` itself when None); the original is kept."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    subset = copy.copy(dataset)
+    subset.ids = list(dataset.ids[:limit])
+    return subset
+
+
+def train_run(preset: str, run_dir: Path, settings: PipelineSettings, overrides: list[str]) -> Trainer:
+    """Train (or, resuming, finish or reload) one run; returns its Trainer with the model in eval mode."""
+    base = [f"data.root={settings.data}", f"data.split={settings.train_split}", f"run_dir={run_dir}",
+            f"device={settings.device}", "val.every=0"]
+    if settings.weights is not None:
+        base.append(f"model.weights={settings.weights}")
+    trainer = Trainer(load_config(preset, base + overrides))
+    trainer.fit(resume=settings.resume)
+    trainer.model.eval()
+    return trainer
+
+
+def classifier_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The ViT with its classifier (an end-to-end method trains a segmentation model around it)."""
+    return model.encoder if isinstance(model, SegmentationModel) else model
+
+
+def view_options(trainer: Trainer) -> dict[str, Any]:
+    """The views a run's maps are made with: its ``val`` scales and flip, its device and normalisation."""
+    v = trainer.cfg["val"]
+    return dict(scales=v["scales"], flip=v["flip"], device=trainer.device, mean=trainer.mean, std=trainer.std)
+
+
+def seeds_on_train(trainer: Trainer, method: Method, dataset: VOCDataset, maps_dir: Path) -> dict[str, Any]:
+    """The own map of every train image, saved for the pseudo-label stage, and its best-threshold mIoU."""
+    todo = [i for i, image_id in enumerate(dataset.ids) if not (maps_dir / f"{image_id}.npz").is_file()]
+    for image_id, maps, labels in iter_split_maps(classifier_of(trainer.model), dataset, method.own_map,
+                                                  indices=todo, **view_options(trainer)):
+        save_maps(maps_dir / f"{image_id}.npz", maps, labels)
+    # Scored from the saved (float16) maps: the ones the pseudo labels are made from.
+    sweep = new_sweep(dataset)
+    for i, image_id in enumerate(dataset.ids):
+        maps, labels = load_maps(maps_dir / f"{image_id}.npz", dataset.classes.num_classes)
+        sweep.update(maps, labels, dataset.load_mask(i))
+    return sweep_result(sweep, dataset)
+
+
+def calibrated_params(rule: str, params: dict[str, float], threshold: float | None) -> dict[str, float]:
+    """A pseudo-label rule's parameters moved to the maps' own background threshold (the best of the train sweep).
+
+    The papers' fixed values (a background threshold, PSA's background power ``alpha``, AReAM's two thresholds) suit
+    the calibration of their maps; a model trained for a few hundred steps makes maps of another calibration, and a
+    fixed value then labels far too much or too little as background. So: ``threshold`` uses ``t`` itself; ``psa``
+    the power whose background ``(1 - m) ** alpha`` equals the map ``m`` at ``m = t`` (``alpha = ln t / ln(1 - t)``);
+    ``two_thresholds`` keeps the recipe's gap, centred on ``t``. Other rules (GETAM's completion percentile) and a
+    dataset without background (``threshold`` None) keep the recipe's values.
+    """
+    out = dict(params)
+    if threshold is None:
+        return out
+    t = min(max(float(threshold), 0.01), 0.99)
+    if rule == "threshold":
+        out["bg_threshold"] = float(threshold)
+    elif rule == "psa":
+        out["alpha"] = math.log(t) / math.log(1.0 - t)
+    elif rule == "two_thresholds":
+        half = (params["high"] - params["low"]) / 2
+        out["high"], out["low"] = min(t + half, 1.0), max(t - half, 0.0)
+    return out
+
+
+def pseudo_labels(method: Method, dataset: VOCDataset, maps_dir: Path, out_dir: Path,
+                  train_threshold: float | None) -> dict[str, Any]:
+    """Pseudo labels of the train split with the method's recipe, scored over the pixels they label."""
+    recipe = method.pseudo
+    if recipe is None:
+        raise ConfigError(f"method {method.name!r} declares no pseudo-label recipe")
+    params = calibrated_params(recipe.rule, recipe.params, train_threshold)
+    settings = PseudoSettings(maps_dir=maps_dir, num_classes=dataset.classes.num_classes,
+                              has_background=dataset.classes.has_background, rule=recipe.rule, refine=recipe.refine,
+                              iterations=recipe.iterations, crf=recipe.crf, scale=recipe.scale,
+                              softmax=recipe.softmax, **params)
+    matrix = ConfusionMatrix(dataset.classes.num_classes, class_names=dataset.classes.names)
+    for i, image_id in enumerate(dataset.ids):
+        path = out_dir / f"{image_id}.png"
+        if not path.is_file():
+            write_mask(path, pseudo_label_for(settings, image_id, dataset.image_path(image_id)))
+        matrix.update(read_mask(path), dataset.load_mask(i))  # 255 in a pseudo label: no label (coverage)
+    metrics = matrix.compute()
+    return {"miou": float(metrics["miou"]), "coverage": float(metrics["coverage"]), "rule": recipe.rule,
+            "refine": recipe.refine, "params": params}
+
+
+def segment_and_score(settings: PipelineSettings, run_dir: Path, mask_dir: Path | None,
+                      eval_set: VOCDataset) -> dict[str, float]:
+    """Train the segmentation preset on ``mask_dir`` (None: the true masks) and score it on the eval split."""
+    overrides = list(settings.segment_overrides) + ([f"data.mask_dir={mask_dir}"] if mask_dir is not None else [])
+    trainer = train_run(settings.segment_preset or f"segment_{settings.recipe_name}", run_dir, settings, overrides)
+    pred_dir = run_dir / f"pred_{settings.eval_split}"
+    predict_split(trainer.model, eval_set, pred_dir, mean=trainer.mean, std=trainer.std, device=trainer.device)
+    matrix = ConfusionMatrix(eval_set.classes.num_classes, class_names=eval_set.classes.names)
+    for i, image_id in enumerate(eval_set.ids):
+        matrix.update(read_mask(pred_dir / f"{image_id}.png"), eval_set.load_mask(i))
+    return {"segment_eval": float(matrix.compute()["miou"])}
+
+
+def pseudo_score(row: dict[str, Any]) -> float:
+    """How good a method's pseudo labels are for training on: mIoU over the labelled pixels times coverage, so
+    labelling fewer, easier pixels does not win."""
+    pseudo = row.get("pseudo_train") or {}
+    return float(pseudo.get("miou", 0.0)) * float(pseudo.get("coverage", 0.0))
+
+
+def run_pipeline(settings: PipelineSettings,
+                 on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the protocol and return its results (the shape in the module docstring, plus ``settings`` and, per
+    method, ``train_threshold``, ``run_dir`` and the pseudo rule). ``on_update`` gets the results after every
+    method, so a caller can write them as they grow."""
+    methods = pipeline_methods(settings)
+    if settings.warm_start is not None and settings.warm_start not in [m.name for m in methods]:
+        raise ConfigError(f"warm_start {settings.warm_start!r} is not one of the methods run")
+    # The warm-start method trains first: the others start from its weights.
+    methods.sort(key=lambda m: m.name != settings.warm_start)
+    recipe = settings.recipe_name
+    formulas = settings.maps or sorted(REGISTRY.maps())
+    settings.run_root.mkdir(parents=True, exist_ok=True)
+    stages = Stages(settings.run_root / "stages.json", settings.resume, settings.describe())
+    train_set = VOCDataset(settings.data, settings.train_split, require_masks=True)
+    eval_set = first_images(VOCDataset(settings.data, settings.eval_split, require_masks=True), settings.limit)
+    log.info("%d method(s) %s, recipe %r, %d train / %d eval images, runs in %s", len(methods),
+             [m.name for m in methods], recipe, len(train_set), len(eval_set), settings.run_root)
+    update = on_update or (lambda _: None)
+
+    results: dict[str, Any] = {"methods": {}, "maps": {}, "priors": {}, "settings": {
+        "data": str(settings.data), "train_split": settings.train_split, "eval_split": settings.eval_split,
+        "recipe": recipe, "num_train": len(train_set), "num_eval": len(eval_set), "overrides": settings.overrides,
+        "warm_start": settings.warm_start, "segment": settings.segment}}
+    results["priors"]["centre"] = stages.run("prior/centre", lambda: centre_prior(eval_set))
+    results["priors"]["mean_mask"] = stages.run("prior/mean_mask", lambda: mean_mask_prior(train_set, eval_set))
+    update(results)
+
+    for method in methods:
+        log.info("[%s]", method.name)
+        run = settings.run_root / method.name
+        overrides = list(settings.overrides)
+        if settings.warm_start is not None and method.name != settings.warm_start:
+            overrides.append(f"model.weights={settings.run_root / settings.warm_start / 'train' / MODEL_FILE}")
+        trainer = train_run(f"{method.name}_{recipe}", run / "train", settings, overrides)
+        model, views = classifier_of(trainer.model), view_options(trainer)
+        seed_train = stages.run(f"{method.name}/seed_train",
+                                lambda: seeds_on_train(trainer, method, train_set, run / "maps_train"))
+        row: dict[str, Any] = {"seed_train": seed_train["miou"], "train_threshold": seed_train["threshold"],
+                               "run_dir": str(run)}
+        results["maps"][method.name] = {}
+        chosen = formulas if settings.matrix_of is None or method.name in settings.matrix_of else \
+            [f for f in formulas if f in ("cam", method.own_map)]
+        for formula in [*chosen, *([method.own_map] if method.own_map not in chosen else [])]:
+            results["maps"][method.name][formula] = stages.run(
+                f"{method.name}/maps/{formula}", lambda: maps_miou(model, eval_set, formula, **views)["miou"])
+        row["seed_eval"] = results["maps"][method.name][method.own_map]
+        if method.own_map not in chosen:
+            del results["maps"][method.name][method.own_map]
+        row["pseudo_train"] = stages.run(f"{method.name}/pseudo_train",
+                                         lambda: pseudo_labels(method, train_set, run / "maps_train",
+                                                               run / "pseudo_train", seed_train["threshold"]))
+        row["segment_eval"] = None
+        if settings.segment == "all":
+            row.update(stages.run(f"{method.name}/segment",
+                                  lambda: segment_and_score(settings, run / "segment", run / "pseudo_train", eval_set)))
+        results["methods"][method.name] = row
+        update(results)
+
+    if settings.segment == "best" and results["methods"]:
+        best = max(results["methods"], key=lambda m: pseudo_score(results["methods"][m]))
+        run = settings.run_root / best
+        results["methods"][best].update(stages.run(
+            f"{best}/segment", lambda: segment_and_score(settings, run / "segment", run / "pseudo_train", eval_set)))
+        results["settings"]["segmented"] = best
+    if settings.supervised and settings.segment != "none":
+        results["supervised"] = stages.run("supervised/segment", lambda: segment_and_score(
+            settings, settings.run_root / "supervised", None, eval_set))
+    update(results)
+    return results
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """Markdown: the per-method table (seeds, pseudo labels, segmentation, references), then the map matrix."""
+    def pct(x: float | None) -> str:
+        return "—" if x is None else f"{100 * x:.1f}"
+
+    lines = ["| method | seed train | seed eval | pseudo mIoU | coverage | segment eval |", "|---|---|---|---|---|---|"]
+    for name, r in results["methods"].items():
+        pseudo = r.get("pseudo_train") or {}
+        coverage = f"{100 * pseudo['coverage']:.0f}%" if pseudo else "—"
+        lines.append(f"| {name} | {pct(r['seed_train'])} | {pct(r['seed_eval'])} | {pct(pseudo.get('miou'))} | "
+                     f"{coverage} | {pct(r.get('segment_eval'))} |")
+    priors = results["priors"]
+    lines.append(f"| prior: centre / mean mask | | {pct(priors['centre'])} / {pct(priors['mean_mask'])} | | | |")
+    supervised = (results.get("supervised") or {}).get("segment_eval")
+    if supervised is not None:
+        lines.append(f"| supervised (true masks) | | | | | {pct(supervised)} |")
+    maps = results["maps"]
+    formulas = sorted({f for row in maps.values() for f in row})
+    lines += ["", "| trained with \\ map | " + " | ".join(formulas) + " |", "|---" * (len(formulas) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(pct(maps[m].get(f)) if f in maps[m] else "" for f in formulas) + " |"
+              for m in maps]
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""wsss.pipeline and wsss.evaluate.priors: the pieces of the WSSS protocol, checked against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from wsss.data.synth import make_synthetic
+from wsss.data.voc import VOCDataset
+from wsss.errors import ConfigError
+from wsss.evaluate.priors import centre_gaussian, class_mean_masks, mean_mask_prior, prior_miou
+from wsss.pipeline import PipelineSettings, calibrated_params, first_images, pseudo_score
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("pipe") / "d", num_train=6, num_val=4, size=32, seed=3)
+
+
+def test_calibrated_params_move_each_rule_to_the_maps_threshold():
+    assert calibrated_params("threshold", {"bg_threshold": 0.4}, 0.25) == {"bg_threshold": 0.25}
+    psa = calibrated_params("psa", {"alpha": 12.0}, 0.47)["alpha"]
+    assert psa == pytest.approx(math.log(0.47) / math.log(0.53))
+    assert (1 - 0.47) ** psa == pytest.approx(0.47)  # the background equals the map at the threshold
+    two = calibrated_params("two_thresholds", {"high": 0.55, "low": 0.35}, 0.25)
+    assert two == pytest.approx({"high": 0.35, "low": 0.15})
+    assert calibrated_params("two_thresholds", {"high": 0.55, "low": 0.35}, 0.95) == pytest.approx(
+        {"high": 1.0, "low": 0.85})
+    # GETAM's completion percentile and a dataset without background keep the recipe's values.
+    assert calibrated_params("completion", {"cut_threshold": 0.9}, 0.3) == {"cut_threshold": 0.9}
+    assert calibrated_params("psa", {"alpha": 12.0}, None) == {"alpha": 12.0}
+
+
+def test_pseudo_score_weighs_coverage():
+    assert pseudo_score({"pseudo_train": {"miou": 0.8, "coverage": 0.5}}) == pytest.approx(0.4)
+    assert pseudo_score({"pseudo_train": {"miou": 0.5, "coverage": 1.0}}) > 0.4
+    assert pseudo_score({}) == 0.0
+
+
+def test_first_images_leaves_the_dataset_whole(tiny):
+    full = VOCDataset(tiny, "val")
+    ids = list(full.ids)
+    part = first_images(full, 2)
+    assert part.ids == ids[:2] and full.ids == ids and len(part) == 2
+    assert first_images(full, None) is full and first_images(full, 10) is full
+    np.testing.assert_array_equal(part.load_mask(1), full.load_mask(1))
+
+
+def test_settings_refuse_bad_values(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="segment"):
+        PipelineSettings(data=tiny, run_root=tmp_path, segment="some")
+    with pytest.raises(ConfigError, match="limit"):
+        PipelineSettings(data=tiny, run_root=tmp_path, limit=0)
+    assert PipelineSettings(data=tiny, run_root=tmp_path).recipe_name == "d"
+
+
+def test_centre_gaussian_values():
+    g = centre_gaussian(1, (5, 9))
+    assert g[2, 4] == pytest.approx(1.0)  # the centre pixel
+    # One row up from the centre of a 5-row map: (1 / (5 / 4))^2 / 2 = 0.32.
+    assert g[1, 4] == pytest.approx(math.exp(-0.32))
+    assert g[2, 0] == pytest.approx(math.exp(-0.5 * (4 / (9 / 4)) ** 2))
+
+
+def test_mean_mask_prior_of_a_dataset_on_itself_is_its_mean(tiny):
+    train = VOCDataset(tiny, "train")
+    means = class_mean_masks(train, side=32)
+    # By hand for one class: the mean over the images containing it of (mask == class).
+    c = int(np.flatnonzero(train.labels(0) > 0)[0]) + 1
+    with_c = [train.load_mask(i) == c for i in range(len(train)) if np.any(train.load_mask(i) == c)]
+    np.testing.assert_allclose(means[c], np.mean(with_c, axis=0))
+    # A prior that is the true mask scores 1; the mean mask scores below that but above 0.
+    assert 0.0 < mean_mask_prior(train, train, side=32) < 1.0
+
+
+def test_prior_miou_of_the_truth_is_one(tiny):
+    val = first_images(VOCDataset(tiny, "val"), 1)
+    mask = val.load_mask(0)
+    assert prior_miou(val, lambda c, size: (mask == c).astype(np.float32)) == pytest.approx(1.0)
+    # The centre prior on the same image is a real, lower score.
+    assert 0.0 < prior_miou(val, centre_gaussian) < 1.0
+
+
+def test_stages_refuse_to_resume_with_other_settings(tmp_path):
+    from wsss.pipeline import Stages
+
+    path = tmp_path / "stages.json"
+    first = Stages(path, resume=False, settings={"recipe": "demo"})
+    assert first.run("a", lambda: 1) == 1
+    assert Stages(path, resume=True, settings={"recipe": "demo"}).run("a", lambda: 2) == 1  # read back
+    assert Stages(path, resume=False, settings={"recipe": "demo"}).run("a", lambda: 3) == 3  # fresh
+    with pytest.raises(ConfigError, match="recipe: 'demo' -> 'msrc'"):
+        Stages(path, resume=True, settings={"recipe": "msrc"})
