@@ -93,3 +93,23 @@ def test_stages_refuse_to_resume_with_other_settings(tmp_path):
     assert Stages(path, resume=False, settings={"recipe": "demo"}).run("a", lambda: 3) == 3  # fresh
     with pytest.raises(ConfigError, match="recipe: 'demo' -> 'msrc'"):
         Stages(path, resume=True, settings={"recipe": "msrc"})
+
+
+def test_demo_findings_say_which_method_loses_and_what_moved():
+    from wsss.cli.demo import findings
+
+    pseudo = {"miou": 0.3, "coverage": 1.0, "refine": "par", "rule": "threshold"}
+    results = {
+        "methods": {"baseline": {"pseudo_train": pseudo},
+                    "aream": {"pseudo_train": {**pseudo, "miou": 0.2}},
+                    "acr": {"pseudo_train": {**pseudo, "miou": 0.4}}},
+        "maps": {"baseline": {"cam": 0.18, "aream": 0.24, "acr": 0.17},
+                 "aream": {"cam": 0.21, "aream": 0.18}, "acr": {"cam": 0.10, "acr": 0.20}},
+    }
+    notes = findings(results)
+    assert len(notes) == 2  # acr beats the baseline with its map and its pseudo labels: no sentence
+    assert "`aream` gives 18.0 on the aream model against 24.0" in notes[0]
+    assert "CAM rose (18.0 -> 21.0)" in notes[0]
+    assert "aream**'s pseudo labels" in notes[1] and "20.0 against the baseline's 30.0" in notes[1]
+    results["maps"]["acr"]["acr"] = 0.1
+    assert "got worse too (CAM 18.0 -> 10.0)" in findings(results)[-1]

@@ -37,7 +37,7 @@ from ..pseudo.labels import maps_to_labels
 from ..visualize import class_legend, colorize, overlay, titled_grid
 from . import options
 
-SYNTH = {"size": 64, "num_train": 256, "num_val": 60, "num_classes": 4, "seed": 0, "bias": 0.8, "parts": 0.4,
+SYNTH = {"size": 64, "num_train": 320, "num_val": 60, "num_classes": 4, "seed": 0, "bias": 0.8, "parts": 0.4,
          "plain": 0.3}
 METHODS = ("baseline", "acr", "aream", "getam")  # the baseline first: the others continue from it
 PICTURE_IMAGES = 3
@@ -133,11 +133,17 @@ def findings(results: dict[str, Any]) -> list[str]:
         mine, theirs = maps[name].get(own), maps["baseline"].get(own)
         if mine is not None and theirs is not None and mine < theirs:
             cam_before, cam_after = maps["baseline"].get("cam"), maps[name].get("cam")
-            why = (f"its classifier got worse too (CAM {100 * cam_before:.1f} -> {100 * cam_after:.1f}), so the "
-                   "fine-tuning steps hurt the features the map is made of"
-                   if cam_before is not None and cam_after is not None and cam_after < cam_before - 0.01 else
-                   f"its classifier's CAM hardly moved ({100 * cam_before:.1f} -> {100 * cam_after:.1f}), so the "
-                   f"objective changed what the {own} map reads (attention or its gradients) for the worse")
+            if cam_before is None or cam_after is None:
+                why = "the CAM of the two models was not scored"
+            elif cam_after < cam_before - 0.01:
+                why = (f"its classifier got worse too (CAM {100 * cam_before:.1f} -> {100 * cam_after:.1f}), so the "
+                       "training steps hurt the features the map is made of")
+            elif cam_after > cam_before + 0.01:
+                why = (f"yet its classifier's CAM rose ({100 * cam_before:.1f} -> {100 * cam_after:.1f}), so the loss "
+                       f"is in what the {own} map adds to the classifier's evidence (attention or its gradients)")
+            else:
+                why = (f"its classifier's CAM did not move ({100 * cam_before:.1f} -> {100 * cam_after:.1f}), so the "
+                       f"objective changed what the {own} map reads (attention or its gradients) for the worse")
             notes.append(f"- **{name}** does not beat the baseline with its own map: `{own}` gives "
                          f"{100 * mine:.1f} on the {name} model against {100 * theirs:.1f} on the baseline model; "
                          f"{why}.")
