@@ -7,7 +7,8 @@ import pytest
 from wsss.cli.main import build_parser, main
 from wsss.errors import ConfigError
 from wsss.methods import REGISTRY
-from wsss.train.config import DEFAULTS, dump_config, flatten, load_config, parse_override, parse_yaml, preset_names
+from wsss.settings import flatten
+from wsss.train.config import DEFAULTS, dump_config, load_config, parse_override, parse_yaml, preset_names
 
 
 def test_overrides_are_parsed_as_yaml():

@@ -49,6 +49,7 @@ from .models.checkpoint import MODEL_FILE
 from .pseudo.generate import PseudoSettings, pseudo_label_for
 from .segment.predict import predict_split
 from .train import Trainer, load_config
+from .settings import changed_settings, describe_changes
 from .train.validate import maps_miou, sweep_result
 
 log = logging.getLogger(__name__)
@@ -108,12 +109,11 @@ class Stages:
         self.done: dict[str, Any] = {}
         if resume and path.is_file():
             saved = json.loads(path.read_text())
-            old = saved.get("settings", {})
-            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            if changed:
-                listed = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-                raise ConfigError(f"{path}: the finished stages were made with other settings ({listed}); "
-                                  "resume with the same settings or use another run root")
+            changes = changed_settings(saved.get("settings", {}), settings)
+            if changes:
+                raise ConfigError(f"{path}: the finished stages were made with other settings "
+                                  f"({describe_changes(changes)}); resume with the same settings or use another "
+                                  "run root")
             self.done = saved.get("done", {})
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
@@ -290,15 +290,15 @@ def run_pipeline(settings: PipelineSettings,
                                 lambda: seeds_on_train(trainer, method, train_set, run / "maps_train"))
         row: dict[str, Any] = {"seed_train": seed_train["miou"], "train_threshold": seed_train["threshold"],
                                "run_dir": str(run)}
-        results["maps"][method.name] = {}
         chosen = formulas if settings.matrix_of is None or method.name in settings.matrix_of else \
             [f for f in formulas if f in ("cam", method.own_map)]
-        for formula in [*chosen, *([method.own_map] if method.own_map not in chosen else [])]:
-            results["maps"][method.name][formula] = stages.run(
-                f"{method.name}/maps/{formula}", lambda: maps_miou(model, eval_set, formula, **views)["miou"])
-        row["seed_eval"] = results["maps"][method.name][method.own_map]
-        if method.own_map not in chosen:
-            del results["maps"][method.name][method.own_map]
+
+        def score(formula: str) -> float:  # one cached stage per model and formula
+            return stages.run(f"{method.name}/maps/{formula}",
+                              lambda: maps_miou(model, eval_set, formula, **views)["miou"])
+
+        results["maps"][method.name] = {formula: score(formula) for formula in chosen}
+        row["seed_eval"] = score(method.own_map)
         row["pseudo_train"] = stages.run(f"{method.name}/pseudo_train",
                                          lambda: pseudo_labels(method, train_set, run / "maps_train",
                                                                run / "pseudo_train", seed_train["threshold"]))

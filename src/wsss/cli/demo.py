@@ -34,6 +34,7 @@ from ..methods import get_method
 from ..models import checkpoint
 from ..pipeline import PipelineSettings, classifier_of, results_table, run_pipeline
 from ..pseudo.labels import maps_to_labels
+from ..settings import changed_settings, describe_changes
 from ..visualize import class_legend, colorize, overlay, titled_grid
 from . import options
 
@@ -71,11 +72,9 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Record the demo's settings in ``OUT/demo.json``; a folder made with other settings is refused."""
     path = out / "demo.json"
     if path.is_file():
-        old = json.loads(path.read_text())
-        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if changed:
-            listed = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
-            raise ConfigError(f"{out} holds a demo made with other settings ({listed}); "
+        changes = changed_settings(json.loads(path.read_text()), settings)
+        if changes:
+            raise ConfigError(f"{out} holds a demo made with other settings ({describe_changes(changes)}); "
                               "give another --out or delete the folder")
     else:
         write_bytes_atomic(path, json.dumps(settings, indent=1).encode())

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .. import __version__
 from ..errors import ConfigError, DataError
+from ..settings import flatten
 from .io import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -87,23 +88,11 @@ def json_value(value: Any) -> Any:
     return str(value)
 
 
-def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one dict with dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(_flat(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 def _identity(record: Mapping[str, Any]) -> dict[str, Any]:
     """The compared part of a manifest, flat: kind, dataset root, split and every setting."""
     data = record.get("data") or {}
     return {"kind": record.get("kind"), "data": data.get("root"), "split": data.get("split"),
-            **_flat(record.get("settings") or {})}
+            **flatten(record.get("settings") or {})}
 
 
 def identity_of(folder: str | Path) -> dict[str, Any] | None:

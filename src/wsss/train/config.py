@@ -454,17 +454,6 @@ _Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence("ta
                                                                              flow_style=True))
 
 
-def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested config as ``{"a.b.c": value}`` (how resumed runs report their changed settings)."""
-    out: dict[str, Any] = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def dump_config(cfg: dict) -> str:
     """The config as YAML text (what the run folder keeps); :func:`load_config` reads it back unchanged."""
     return yaml.dump(cfg, Dumper=_Dumper, sort_keys=False)

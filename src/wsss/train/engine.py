@@ -38,8 +38,9 @@ from ..methods import get_method
 from ..models import create_model, load_into
 from ..models.checkpoint import MODEL_FILE, describe, read_spec, save
 from ..models.weights import load_state_dict
+from ..settings import changed_settings, describe_changes
 from .checkpoint import STATE_FILE, CheckpointManager, rng_state, set_rng_state
-from .config import dump_config, flatten, read_yaml
+from .config import dump_config, read_yaml
 from .distributed import DistInfo, all_gather_objects, all_reduce_mean, barrier, init_distributed, shutdown
 from .objectives import build_objective
 from .optim import build_optimizer, build_scheduler
@@ -95,16 +96,6 @@ def collate_carrying(samples: list[Any]) -> Any:
         if isinstance(sample, WorkerFailure):
             return sample
     return collate(samples)
-
-
-def changed_settings(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (old, new)}`` of every setting that differs between two configs (a key one lacks is None)."""
-    old, new = flatten(old), flatten(new)
-    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
-
-
-def _describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
-    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
 
 class Trainer:
@@ -273,13 +264,13 @@ class Trainer:
         free = {k: v for k, v in changes.items() if k.startswith(RESUMABLE)}
         kept = {k: v for k, v in changes.items() if k not in free}
         if kept and not allow_changes:
-            raise ConfigError(f"{self.run_dir}: resuming with changed settings {_describe_changes(kept)}; pass "
+            raise ConfigError(f"{self.run_dir}: resuming with changed settings {describe_changes(kept)}; pass "
                               f"--resume --allow-changes to continue with them, or give the run's values")
         if free:
-            self.notes.append((logging.INFO, f"resuming with changed settings: {_describe_changes(free)}"))
+            self.notes.append((logging.INFO, f"resuming with changed settings: {describe_changes(free)}"))
         if kept:
             self.notes.append((logging.WARNING, f"resuming with changed settings (--allow-changes): "
-                                                f"{_describe_changes(kept)}"))
+                                                f"{describe_changes(kept)}"))
         fresh = any(k.startswith("optim.") for k in kept)
         if fresh:
             self.notes.append((logging.WARNING, "the optim settings changed: the optimiser state starts afresh at "

@@ -6,14 +6,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.voc import VOCDataset
 from ..evaluate import ThresholdSweep, threshold_grid
 from ..localize.split import iter_split_maps
 from ..pseudo.labels import maps_to_labels
-from ..visualize import colorize, overlay
+from ..visualize import colorize, overlay, resize_tile
 
 
 def maps_sweep(model: nn.Module, dataset: VOCDataset, method: str = "cam", scales: Sequence[float] = (1.0,),
@@ -57,14 +56,6 @@ def maps_miou(model: nn.Module, dataset: VOCDataset, method: str = "cam", scales
     return sweep_result(sweep, dataset)
 
 
-def _tile(picture: np.ndarray, size: int, nearest: bool) -> np.ndarray:
-    """Resize an ``(H, W, 3)`` uint8 picture to ``size`` x ``size``."""
-    t = torch.from_numpy(picture).permute(2, 0, 1)[None].float()
-    t = F.interpolate(t, size=(size, size), mode="nearest") if nearest else \
-        F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-    return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
 def map_grid(model: nn.Module, dataset: VOCDataset, indices: Sequence[int], method: str = "cam",
              threshold: float | None = None, scales: Sequence[float] = (1.0,), flip: bool = False,
              device: torch.device | str = "cpu", mean: Sequence[float] | None = (0.5, 0.5, 0.5),
@@ -78,7 +69,7 @@ def map_grid(model: nn.Module, dataset: VOCDataset, indices: Sequence[int], meth
         image = dataset.load_image(i)
         t = (0.5 if threshold is None else threshold) if has_bg else None
         pseudo = maps_to_labels(torch.from_numpy(maps), labels, t).numpy().astype(np.uint8)
-        cells = [_tile(image, tile, False), _tile(colorize(dataset.load_mask(i)), tile, True),
-                 _tile(colorize(pseudo), tile, True), _tile(overlay(image, maps.max(axis=0)), tile, False)]
+        cells = [resize_tile(image, tile), resize_tile(colorize(dataset.load_mask(i)), tile, nearest=True),
+                 resize_tile(colorize(pseudo), tile, nearest=True), resize_tile(overlay(image, maps.max(axis=0)), tile)]
         rows.append(np.concatenate(cells, axis=1))
     return np.concatenate(rows, axis=0) if rows else np.zeros((tile, 4 * tile, 3), dtype=np.uint8)
