@@ -531,6 +531,21 @@ def test_param_groups_and_the_authors_sgd_quirk():
         assert by_name[no_decay]["weight_decay"] == 0.0, no_decay
     assert by_name["head.weight"]["lr"] == pytest.approx(1e-2) and by_name["head.weight"]["weight_decay"] == 0.05
     assert len(by_name) == len(list(model.parameters()))
+    # DINOv2's registers and CLIP's pre-norm are trunk (no decay), the Conformer's two classifiers are heads.
+    for name, trunk_keys, head_keys in [
+        ("vit_small_patch14_reg4_dinov2", ["reg_token"], []),
+        ("vit_base_patch16_clip_224", ["norm_pre.weight"], []),
+        ("conformer_small_patch16", ["cls_token", "conv_trans_2.trans_block.attn.qkv.weight"],
+         ["conv_cls_head.weight", "trans_cls_head.weight"]),
+    ]:
+        extra = dict(base_channel=16, channel_ratio=1, depth=3) if name.startswith("conformer") else dict(depth=1)
+        other = create_model(name, num_classes=2, head="conformer" if name.startswith("conformer") else "token",
+                             embed_dim=24, num_heads=2, **extra)
+        names = {id(p): n for n, p in other.named_parameters()}
+        lr_of = {names[id(p)]: g["lr"] for g in param_groups(other, 0.05, 1e-3, 10.0) for p in g["params"]}
+        assert all(lr_of[k] == pytest.approx(1e-3) for k in trunk_keys), name
+        assert all(lr_of[k] == pytest.approx(1e-2) for k in head_keys), name
+        assert sum(v == pytest.approx(1e-2) for v in lr_of.values()) == 2 * max(len(head_keys), 1), name
     cfg = load_config(None, ["optim.name=sgd", "optim.weight_decay=1e-4", "optim.lr=0.01",
                              "optim.authors_sgd_quirk=true"])["optim"]
     opt = build_optimizer(model, cfg)

@@ -7,10 +7,10 @@ map through the registry.
 
 from .api import localize
 from .attention_gradients import AttentionGradients
-from .base import Localizer, class_logits, normalize_maps
+from .base import Localizer, class_logits, class_token_logits, normalize_maps
 from .cam import CAM
 from .gradcam import GradCAM
 from .rollout import Rollout
 
 __all__ = ["localize", "Localizer", "AttentionGradients", "CAM", "GradCAM", "Rollout", "class_logits",
-           "normalize_maps"]
+           "class_token_logits", "normalize_maps"]

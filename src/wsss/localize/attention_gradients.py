@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..models.vit import Capture, ViTOutput
-from .base import Footprint, Localizer, batched_grads, class_logits, query_rows
+from .base import Footprint, Localizer, batched_grads, class_logits, class_token_logits, query_rows
 
 
 def class_rows(attn: Tensor, grads: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,7 +60,7 @@ class AttentionGradients(Localizer):
         # block computes only the class token; blocks below start_layer skip the attention capture.
         head = getattr(self.model, "head", None)
         prefix_only = (head is not None and not getattr(head, "reads_patches", True)
-                       and self.score_fn is class_logits and not self.reads_all_attention)
+                       and self.score_fn in (class_logits, class_token_logits) and not self.reads_all_attention)
         capture = Capture(attn=True, grad_from_block=self.start_layer, prefix_only_last=prefix_only,
                           capture_from_block=0 if self.reads_all_attention else self.start_layer)
         out = self.model(images, capture=capture)

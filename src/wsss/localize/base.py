@@ -42,6 +42,15 @@ def class_logits(out: ViTOutput) -> Tensor:
     return out.logits
 
 
+def class_token_logits(out: ViTOutput) -> Tensor:
+    """The default target of the class-token-gradient maps (GETAM, ACR): the class token's own logits.
+
+    They equal :func:`class_logits` except in a two-branch model (the Conformer), whose ``logits`` come from the
+    CNN head, which the class token reaches only indirectly.
+    """
+    return out.logits if out.token_logits is None else out.token_logits
+
+
 def as_class_tensor(classes: Tensor | Sequence[Sequence[int]], batch: int, device: torch.device) -> Tensor:
     """Classes as a ``(B, K)`` LongTensor; ragged per-image lists are padded with -1 (an empty map)."""
     if isinstance(classes, Tensor):

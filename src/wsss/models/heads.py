@@ -81,7 +81,8 @@ class MCTHead(nn.Conv2d):
 
     def classify(self, tokens: Tensor, grid: tuple[int, int], num_prefix: int) -> HeadOutput:
         cam = self(patch_map(tokens, grid, num_prefix))
-        return HeadOutput(tokens[:, :num_prefix].mean(dim=-1), patch_logits=_pool(cam, self.pool), cam=cam)
+        # The class tokens come first; register tokens (if any) follow them and are not classes.
+        return HeadOutput(tokens[:, : self.out_channels].mean(dim=-1), patch_logits=_pool(cam, self.pool), cam=cam)
 
 
 class NoHead(nn.Identity):

@@ -51,6 +51,11 @@ class ViTOutput:
 
     ``attn[l]``/``attn_logits[l]`` are ``(B, heads, T, T)`` for block ``l``; ``hidden[l]`` is the output of block ``l``
     (``(B, T, D)``, before the final norm). ``cam`` is the conv head's map ``(B, K, h, w)`` for ``conv``/``mct`` heads.
+    ``token_logits`` are the class token's own logits in a model whose ``logits`` come from another branch (the
+    Conformer's transformer head next to its CNN head); ``None`` where ``logits`` already are the class token's.
+    The first ``num_prefix`` tokens are the class token(s), then the distillation and register tokens; the patches
+    follow. ``stem_features`` are a convolutional stem's feature maps, finest first (the hybrid's ResNet stages at
+    /4, /8 and /16, the inputs of a DPT decoder); empty for a plain patch embedding.
     """
 
     logits: Tensor
@@ -58,10 +63,12 @@ class ViTOutput:
     grid: tuple[int, int]
     num_prefix: int
     patch_logits: Tensor | None = None
+    token_logits: Tensor | None = None
     cam: Tensor | None = None
     attn: list[Tensor] = field(default_factory=list)
     attn_logits: list[Tensor] = field(default_factory=list)
     hidden: list[Tensor] = field(default_factory=list)
+    stem_features: list[Tensor] = field(default_factory=list)
 
     @property
     def patch_tokens(self) -> Tensor:
@@ -70,19 +77,21 @@ class ViTOutput:
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+    """Non-overlapping patches projected to tokens; ``forward`` returns ``(tokens, grid, stem features)``."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int], list[Tensor]]:
         h, w = x.shape[-2:]
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {p}; resize or pad it first")
         x = self.proj(x)
         grid = (x.shape[-2], x.shape[-1])
-        return x.flatten(2).transpose(1, 2), grid
+        return x.flatten(2).transpose(1, 2), grid, []
 
 
 class Attention(nn.Module):
@@ -116,11 +125,21 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out)), attn, logits
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation OpenAI's CLIP was trained with (its weights expect it, not GELU)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, act: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[act]()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
@@ -142,23 +161,38 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.p)
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel scale of a residual branch (CaiT; DINOv2), named ``gamma`` as timm names it."""
+
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, eps: float = 1e-6):
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, eps: float = 1e-6,
+                 init_values: float | None = None, act: str = "gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
+        # Without LayerScale, Identity keeps the checkpoint keys free of ls1/ls2 (as in timm).
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop, act)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
 
     def forward(self, x: Tensor, capture: bool = False,
                 num_queries: int | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         y, attn, logits = self.attn(self.norm1(x), capture, num_queries)
         if num_queries is not None:
             x = x[:, :num_queries]
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls1(y))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, attn, logits
 
 
@@ -171,18 +205,36 @@ class VisionTransformer(nn.Module):
       - ``conv``: a 1x1 convolution on the patch map (a CAM head) pooled by ``pool`` = ``avg`` or ``max``;
       - ``mct``: MCTformer-style, one class token per class; the logits are each class token's channel mean and a
         3x3 conv patch head gives a second set of logits and the CAM.
+
+    The variants of the named presets (as timm builds them):
+      - ``hybrid_layers``: a ResNetV2 stem with these stage depths replaces the patch embedding (R50+ViT, stride 16;
+        any input size, the grid is the ceiling of size / 16);
+      - ``reg_tokens``: register tokens after the class (and distillation) token (DINOv2 "reg4"); they are prefix
+        tokens, so maps never read them as patches;
+      - ``no_embed_class``: position embeddings cover the patches only; prefix tokens get none;
+      - ``init_values``: LayerScale on both residual branches (DINOv2);
+      - ``pre_norm``: a LayerNorm (``norm_pre``) after adding the position embeddings (CLIP);
+      - ``act``: ``gelu`` or ``quick_gelu`` (CLIP); ``patch_bias``: whether the patch projection has a bias.
     """
+
+    head_keys = ("head.", "head_dist.")  # the classifier's checkpoint keys, which a new class count replaces
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, distilled: bool = False, head_type: str = "token",
                  pool: str = "avg", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, eps: float = 1e-6):
+                 drop_path_rate: float = 0.0, eps: float = 1e-6, reg_tokens: int = 0, no_embed_class: bool = False,
+                 init_values: float | None = None, pre_norm: bool = False, act: str = "gelu",
+                 patch_bias: bool = True, hybrid_layers: tuple[int, ...] | None = None):
         super().__init__()
         if head_type not in HEAD_TYPES:
             raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {head_type!r}")
         if pool not in ("avg", "max"):
             raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {tuple(ACTIVATIONS)}, got {act!r}")
+        if reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
         per_class = getattr(HEADS[head_type], "tokens_per_class", False)
         if per_class and distilled:
             raise ValueError("the mct head replaces the class token and cannot be combined with distillation")
@@ -198,25 +250,42 @@ class VisionTransformer(nn.Module):
         self.head_type = head_type
         self.pool = pool
         self.distilled = distilled
+        self.no_embed_class = no_embed_class
         # MCT heads: one class token per class (their logits read the tokens themselves).
         self.tokens_per_class = per_class
-        self.num_prefix = num_classes if per_class else (2 if distilled else 1)
+        self.num_class_tokens = num_classes if per_class else 1
+        self.num_reg_tokens = reg_tokens
+        self.num_prefix = self.num_class_tokens + int(distilled) + reg_tokens
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, num_classes if per_class else 1, embed_dim))
+        if hybrid_layers:
+            from .resnetv2 import HybridEmbed  # the ResNet stem is only built for the hybrid presets
+
+            self.patch_embed = HybridEmbed(tuple(hybrid_layers), in_chans, embed_dim)
+            if self.patch_embed.patch_size != patch_size:
+                raise ValueError(f"the hybrid stem has stride {self.patch_embed.patch_size}, not {patch_size}")
+        else:
+            self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, bias=patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, self.num_class_tokens, embed_dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         n_patches = self.base_grid[0] * self.base_grid[1]
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_patches + self.num_prefix, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_patches + self.num_embed_prefix, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=eps) if pre_norm else nn.Identity()
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], eps)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], eps, init_values, act)
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
         self.head = self._make_head(num_classes)
         self.head_dist = nn.Linear(embed_dim, num_classes) if distilled and num_classes > 0 else None
         self._init_weights()
+
+    @property
+    def num_embed_prefix(self) -> int:
+        """How many prefix tokens have a position embedding (none with ``no_embed_class``)."""
+        return 0 if self.no_embed_class else self.num_prefix
 
     def _make_head(self, num_classes: int) -> nn.Module:
         if num_classes <= 0:
@@ -226,8 +295,9 @@ class VisionTransformer(nn.Module):
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        if self.dist_token is not None:
-            nn.init.trunc_normal_(self.dist_token, std=0.02)
+        for token in (self.dist_token, self.reg_token):
+            if token is not None:
+                nn.init.trunc_normal_(token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -254,7 +324,8 @@ class VisionTransformer(nn.Module):
         """Position embeddings for a ``grid`` of patches, resized bicubically from the stored grid."""
         if grid == self.base_grid:
             return self.pos_embed
-        prefix, patches = self.pos_embed[:, : self.num_prefix], self.pos_embed[:, self.num_prefix :]
+        n = self.num_embed_prefix
+        prefix, patches = self.pos_embed[:, :n], self.pos_embed[:, n:]
         gh, gw = self.base_grid
         patches = patches.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
         patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False, antialias=True)
@@ -277,13 +348,17 @@ class VisionTransformer(nn.Module):
         if capture.prefix_only_last and self.head.reads_patches:
             raise ValueError(f"prefix_only_last needs a head that reads only the class token, not {self.head_type}")
         wants_attn = capture.attn or capture.attn_logits
-        tokens, grid = self.patch_embed(x)
+        tokens, grid, stem_features = self.patch_embed(x)
         b = tokens.shape[0]
-        prefix = [self.cls_token.expand(b, -1, -1)]
-        if self.dist_token is not None:
-            prefix.append(self.dist_token.expand(b, -1, -1))
-        tokens = self.pos_drop(torch.cat(prefix + [tokens], dim=1) + self.interpolate_pos_embed(grid))
-        out = ViTOutput(logits=tokens, tokens=tokens, grid=grid, num_prefix=self.num_prefix)
+        prefix = [t.expand(b, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        pos = self.interpolate_pos_embed(grid)
+        if self.no_embed_class:
+            tokens = torch.cat(prefix + [tokens + pos], dim=1)
+        else:
+            tokens = torch.cat(prefix + [tokens], dim=1) + pos
+        tokens = self.norm_pre(self.pos_drop(tokens))
+        out = ViTOutput(logits=tokens, tokens=tokens, grid=grid, num_prefix=self.num_prefix,
+                        stem_features=stem_features)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             queries = self.num_prefix if capture.prefix_only_last and i == last else None
@@ -313,7 +388,7 @@ class VisionTransformer(nn.Module):
 
 @dataclass(frozen=True)
 class ViTConfig:
-    """Architecture of a named preset."""
+    """Architecture of a named preset (the :class:`VisionTransformer` arguments that differ between presets)."""
 
     patch_size: int
     embed_dim: int
@@ -321,20 +396,50 @@ class ViTConfig:
     num_heads: int
     img_size: int = 224
     distilled: bool = False
+    reg_tokens: int = 0
+    no_embed_class: bool = False
+    init_values: float | None = None
+    pre_norm: bool = False
+    act: str = "gelu"
+    patch_bias: bool = True
+    eps: float = 1e-6
+    hybrid_layers: tuple[int, ...] | None = None
 
+    def kwargs(self) -> dict:
+        """The constructor arguments of this preset."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+# DINOv2 (timm's layout): patch 14, LayerScale, position embeddings stored for 518 px; the "reg4" variants add four
+# register tokens that, like the class token, carry no position embedding.
+_DINOV2 = dict(patch_size=14, img_size=518, init_values=1e-5)
+_REG4 = dict(reg_tokens=4, no_embed_class=True)
 
 PRESETS: dict[str, ViTConfig] = {
     "vit_tiny_patch16_224": ViTConfig(16, 192, 12, 3),
     "vit_small_patch16_224": ViTConfig(16, 384, 12, 6),
     "vit_base_patch16_224": ViTConfig(16, 768, 12, 12),
+    "vit_base_patch16_384": ViTConfig(16, 768, 12, 12, img_size=384),
     "vit_small_patch8_224": ViTConfig(8, 384, 12, 6),
     "vit_base_patch8_224": ViTConfig(8, 768, 12, 12),
     "deit_tiny_patch16_224": ViTConfig(16, 192, 12, 3),
     "deit_small_patch16_224": ViTConfig(16, 384, 12, 6),
     "deit_base_patch16_224": ViTConfig(16, 768, 12, 12),
+    "deit_base_patch16_384": ViTConfig(16, 768, 12, 12, img_size=384),
     "deit_tiny_distilled_patch16_224": ViTConfig(16, 192, 12, 3, distilled=True),
     "deit_small_distilled_patch16_224": ViTConfig(16, 384, 12, 6, distilled=True),
     "deit_base_distilled_patch16_224": ViTConfig(16, 768, 12, 12, distilled=True),
+    "deit_base_distilled_patch16_384": ViTConfig(16, 768, 12, 12, img_size=384, distilled=True),
+    # R50+ViT-B/16 (GETAM's and ACR's backbone): a ResNetV2-50 stem with stages 3-4-9 at stride 16.
+    "vit_base_r50_s16_384": ViTConfig(16, 768, 12, 12, img_size=384, hybrid_layers=(3, 4, 9)),
+    "vit_small_patch14_dinov2": ViTConfig(embed_dim=384, depth=12, num_heads=6, **_DINOV2),
+    "vit_base_patch14_dinov2": ViTConfig(embed_dim=768, depth=12, num_heads=12, **_DINOV2),
+    "vit_small_patch14_reg4_dinov2": ViTConfig(embed_dim=384, depth=12, num_heads=6, **_DINOV2, **_REG4),
+    "vit_base_patch14_reg4_dinov2": ViTConfig(embed_dim=768, depth=12, num_heads=12, **_DINOV2, **_REG4),
+    # CLIP's image tower: pre-norm, QuickGELU (OpenAI's weights were trained with it), no patch bias, LayerNorm
+    # eps 1e-5; its "head" is the 768 -> 512 projection into the joint image-text space.
+    "vit_base_patch16_clip_224": ViTConfig(16, 768, 12, 12, pre_norm=True, act="quick_gelu", patch_bias=False,
+                                           eps=1e-5),
     # DINO's self-supervised patch-8 backbones (no classifier in their checkpoints).
     "dino_vits8": ViTConfig(8, 384, 12, 6),
     "dino_vitb8": ViTConfig(8, 768, 12, 12),

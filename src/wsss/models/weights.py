@@ -1,5 +1,7 @@
 """Reading checkpoints safely: safetensors, ``weights_only`` torch files and JAX ``.npz`` ViT weights.
 
+Official DINOv2 and Hugging Face CLIP files are converted to timm's names on load (:mod:`.convert`).
+
 Nothing here unpickles arbitrary objects. A torch checkpoint is read with ``weights_only=True``; the usual wrappers
 (``{'model': ...}``, ``{'state_dict': ...}``) and DDP ``module.`` prefixes are removed.
 """
@@ -14,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
+from . import convert
 
 HUB_PREFIX = "hf-hub:"
 
@@ -59,7 +62,11 @@ def load_state_dict(spec: str | Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
     if not state:
         raise CheckpointError(f"{path}: checkpoint holds no tensors")
-    return state
+    # Official DINOv2 and Hugging Face CLIP layouts are recognised by their keys and renamed to timm's.
+    try:
+        return convert.apply(state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
 
 
 def unwrap_state_dict(raw: object) -> dict[str, Tensor]:

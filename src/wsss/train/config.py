@@ -120,10 +120,15 @@ def _choice(value: str, choices: Sequence[str], what: str) -> str:
 # ------------------------------------------------------------------------------------------------------ sections
 
 class ModelSection(_Section):
-    """The backbone: a preset of :func:`wsss.models.list_models`, optional weights, the classifier head."""
+    """The backbone: a preset of :func:`wsss.models.list_models`, optional weights, the classifier head.
+
+    ``pretrained: true`` with ``name: ARCH.TAG`` (a timm tag, e.g. ``vit_small_patch14_dinov2.lvd142m``) fetches
+    the weights that tag names (:data:`wsss.models.hub.PRETRAINED`); ``weights`` is a local file instead.
+    """
 
     name: str = "vit_tiny_patch16_224"
     weights: PathText | None = None
+    pretrained: bool = False
     head: str = "token"
     pool: Literal["avg", "max"] = "avg"
     drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0
@@ -132,15 +137,34 @@ class ModelSection(_Section):
     @classmethod
     def _known_model(cls, name: str) -> str:
         from ..models import list_models  # lazily: it imports torch
+        from ..models.hub import split_name
 
-        return _choice(name, list_models(), "the backbone presets")
+        arch, tag = split_name(name)
+        _choice(arch, list_models(), "the backbone presets")
+        return name
 
     @field_validator("head")
     @classmethod
     def _known_head(cls, head: str) -> str:
         from ..models import HEADS
+        from ..models.factory import CONFORMER_HEAD
 
-        return _choice(head, list(HEADS), "the classifier heads")
+        return _choice(head, [*HEADS, CONFORMER_HEAD], "the classifier heads")
+
+    @model_validator(mode="after")
+    def _weights_source(self) -> "ModelSection":
+        from ..models.hub import split_name
+
+        tag = split_name(self.name)[1]
+        if self.pretrained and self.weights is not None:
+            raise ValueError("model.pretrained and model.weights both given: choose one source of weights")
+        if self.pretrained and tag is None:
+            raise ValueError(f"model.pretrained needs a tagged name (ARCH.TAG), not {self.name!r}: "
+                             "wsss.models.hub.PRETRAINED lists the tags")
+        if tag is not None and not self.pretrained:
+            raise ValueError(f"model.name {self.name!r} names pretrained weights: set model.pretrained=true, or use "
+                             f"the bare architecture with model.weights=FILE")
+        return self
 
 
 class TransformsSection(_Section):

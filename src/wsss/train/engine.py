@@ -36,6 +36,7 @@ from ..device import resolve_device
 from ..errors import CARRIED, CheckpointError, ConfigError, WorkerFailure, WSSSError, naming
 from ..methods import get_method
 from ..models import create_model, load_into
+from ..models.hub import split_name
 from ..models.checkpoint import MODEL_FILE, describe, read_spec, save
 from ..models.weights import load_state_dict
 from ..settings import changed_settings, describe_changes
@@ -126,7 +127,8 @@ class Trainer:
                                                  self.dist.world_size)
         except ValueError as exc:
             raise ConfigError(f"data.batch_size: {exc}") from exc
-        backbone = create_model(m["name"], weights=m["weights"], num_classes=self.classes.num_fg, head=m["head"],
+        backbone = create_model(m["name"], weights=m["weights"], pretrained=m["pretrained"],
+                                num_classes=self.classes.num_fg, head=m["head"],
                                 pool=m["pool"], drop_path_rate=m["drop_path_rate"])
         self.objective = build_objective(cfg["method"], classes=self.classes, device=self.device, mean=self.mean,
                                          std=self.std)
@@ -134,7 +136,7 @@ class Trainer:
         build = getattr(self.objective, "build_model", None)
         self.model = (build(backbone) if build is not None else backbone).to(self.device)
         # Everything a user of the checkpoint needs: architecture, classes, normalisation, method, config.
-        self.spec = describe(self.model, m["name"], self.classes.names, self.mean, self.std,
+        self.spec = describe(self.model, split_name(m["name"])[0], self.classes.names, self.mean, self.std,
                              method=get_method(cfg["method"]["name"]).name, config=cfg)
         self.ddp: nn.Module = self.model
         if self.dist.enabled:

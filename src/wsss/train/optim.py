@@ -12,15 +12,23 @@ from ..errors import ConfigError
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr_mult: float) -> list[dict]:
-    """No weight decay on norms, biases, tokens and position embeddings; heads may get a larger learning rate."""
+    """No weight decay on norms, biases, tokens and position embeddings; heads may get a larger learning rate.
+
+    The heads are the backbone's classifier (its ``head_keys``: ``head.`` of a ViT, the Conformer's two heads) and,
+    in a segmentation model, everything around its ``encoder`` (the decoder); the rest is the pretrained trunk.
+    """
+    wrapped = isinstance(getattr(model, "encoder", None), nn.Module)
+    backbone = model.encoder if wrapped else model
+    head_keys = tuple(getattr(backbone, "head_keys", ("head.", "head_dist.")))
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.endswith(("cls_token", "dist_token", "pos_embed"))
-        # The pretrained trunk, whether the model is the ViT itself or wraps it as ``encoder`` (segmentation).
-        trunk = name.removeprefix("encoder.")
-        is_head = not trunk.startswith(("patch_embed.", "cls_token", "dist_token", "pos_embed", "blocks.", "norm."))
+        no_decay = p.ndim <= 1 or name.endswith(("cls_token", "dist_token", "reg_token", "pos_embed"))
+        if wrapped and not name.startswith("encoder."):
+            is_head = True
+        else:
+            is_head = name.removeprefix("encoder.").startswith(head_keys)
         groups.setdefault((no_decay, is_head), []).append(p)
     return [{"params": ps, "weight_decay": 0.0 if nd else weight_decay, "lr": lr * (head_lr_mult if hd else 1.0),
              "lr_mult": head_lr_mult if hd else 1.0}

@@ -10,13 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from ...localize.attention_gradients import AttentionGradients, checked_layer
-from ...localize.base import ScoreFn, class_logits, head_mean_patch_affinity
+from ...localize.base import ScoreFn, class_token_logits, head_mean_patch_affinity
 
 
 class ACR(AttentionGradients):
     """Class-token-gradient maps over the last blocks (default depth-2, i.e. 10 of 12) plus affinity refinement."""
 
-    def __init__(self, model: nn.Module, score_fn: ScoreFn = class_logits, start_layer: int | None = None,
+    def __init__(self, model: nn.Module, score_fn: ScoreFn = class_token_logits, start_layer: int | None = None,
                  refine: bool = True):
         super().__init__(model, score_fn)
         self.reads_all_attention = refine

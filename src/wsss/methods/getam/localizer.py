@@ -11,13 +11,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ...localize.attention_gradients import AttentionGradients, checked_layer
-from ...localize.base import ScoreFn, class_logits
+from ...localize.base import ScoreFn, class_token_logits
 
 
 class GETAM(AttentionGradients):
     """Gradient-weighted element-wise attention, summed over the blocks from ``start_layer`` (default depth/2)."""
 
-    def __init__(self, model: nn.Module, score_fn: ScoreFn = class_logits, start_layer: int | None = None,
+    def __init__(self, model: nn.Module, score_fn: ScoreFn = class_token_logits, start_layer: int | None = None,
                  grad_power: int = 2):
         super().__init__(model, score_fn)
         if grad_power not in (1, 2):
