@@ -198,20 +198,21 @@ def randomised(model):
 
 def test_forward_equals_the_official_transcription():
     torch.manual_seed(0)
-    model = randomised(create_model("conformer_small_patch16", head="conformer", num_classes=3, **TINY))
-    x = torch.randn(2, 3, 64, 96)
+    # In float64, so that 1e-5 tests the transcription and not float32 rounding through 6 coupled stages.
+    model = randomised(create_model("conformer_small_patch16", head="conformer", num_classes=3, **TINY)).double()
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
     out = model(x, capture=Capture(attn=True, attn_logits=True, hidden=True))
     logits, trans_logits, cam, attns = reference_forward(model.state_dict(), x, depth=6, heads=2)
     assert out.grid == (4, 6) and out.num_prefix == 1
-    torch.testing.assert_close(out.logits, logits, atol=1e-4, rtol=1e-3)
-    torch.testing.assert_close(out.token_logits, trans_logits, atol=1e-4, rtol=1e-3)
-    torch.testing.assert_close(out.cam, cam, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(out.logits, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.token_logits, trans_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.cam, cam, atol=1e-5, rtol=1e-5)
     assert len(out.attn) == len(out.attn_logits) == len(out.hidden) == 6
     for mine, ref in zip(out.attn, attns):
-        torch.testing.assert_close(mine, ref, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.attn[2], out.attn_logits[2].softmax(-1))
     assert [f.shape[-2:] for f in out.stem_features] == [(16, 24), (8, 12), (4, 6)]
-    torch.testing.assert_close(model(x), logits, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(model(x), logits, atol=1e-5, rtol=1e-5)
 
 
 def test_blocks_below_grad_from_block_get_no_gradient():
