@@ -65,7 +65,8 @@ def run_vit(state, x, num_heads, patch=16, head="token", base_grid=None):
         tok = tok + h
         hidden.append(tok)
         i += 1
-    tok = F.layer_norm(tok, tok.shape[-1:], state["norm.weight"], state["norm.bias"], 1e-6)
+    if head != "mct":  # MCTformer-V2 reads block 11's raw output
+        tok = F.layer_norm(tok, tok.shape[-1:], state["norm.weight"], state["norm.bias"], 1e-6)
     out = {"tokens": tok, "attns": attns, "hidden": hidden, "grid": (gh, gw), "num_prefix": num_prefix}
     if head == "token":
         out["logits"] = F.linear(tok[:, 0], state["head.weight"], state["head.bias"])

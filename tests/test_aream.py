@@ -25,6 +25,7 @@ from wsss.methods.aream.objective import (
     pseudo_segmentation,
     reactivation_cams,
 )
+from wsss.methods.aream.localizer import AReAM
 from wsss.models import Capture, create_model
 from wsss.models.checkpoint import describe, load, save
 from wsss.refine import par
@@ -137,6 +138,21 @@ def test_reactivation_against_a_loop_reference(head, weighted):
     if weighted:  # the weights matter: uniform weights give other maps
         uniform, _ = reactivation_cams(model, images, labels, layer_index=2)
         assert not torch.allclose(cams, uniform, atol=1e-4)
+
+
+def test_reactivation_at_several_scales_sums_the_views():
+    """The Conformer recipe's cam_scales: the multi-scale CAM is the min-max of the sum of each scale's raw views."""
+    torch.manual_seed(4)
+    model = _noisy(create_model("vit_nano_patch16", num_classes=4, head="token")).eval()
+    images = torch.randn(1, 3, 64, 96)
+    labels = torch.tensor([[1.0, 0, 1, 0]])
+    multi, classes = reactivation_cams(model, images, labels, layer_index=2, scales=(0.5, 1.0))
+    with AReAM(model, layers=2) as loc:
+        raw = sum(loc(images, classes, scales=(s,), flip=True, normalize=False) for s in (0.5, 1.0))
+    lo, hi = raw.flatten(2).amin(2)[..., None, None], raw.flatten(2).amax(2)[..., None, None]
+    torch.testing.assert_close(multi, (raw - lo) / (hi - lo + 1e-6), atol=1e-5, rtol=1e-5)
+    single, _ = reactivation_cams(model, images, labels, layer_index=2)
+    assert (multi - single).abs().max() > 0.01
 
 
 def stripes_image_and_maps():
@@ -343,6 +359,18 @@ def test_entropy_command_writes_the_dataset_mean(shared_data, tmp_path):
                               np.flatnonzero(dataset.labels(i)).tolist()) for i in range(len(dataset))]
     assert np.allclose(written["entropy"], np.mean(per_image, axis=0), rtol=1e-5)
     assert np.ptp(written["entropy"]) > 0.1  # the blocks differ, so the comparison above can fail
+
+
+def test_conformer_preset_is_the_papers_recipe():
+    cfg = load_config("aream_conformer_voc", ["data.root=/data"])
+    build_transforms(cfg["data"]["transforms"])
+    obj = build_objective(cfg["method"], classes=VOC_LIKE)
+    assert cfg["model"]["name"] == "conformer_small_patch16" and cfg["model"]["head"] == "conformer"
+    assert obj.layer_index == 9 and obj.options.cam_scales == [0.5, 1.0, 1.5]
+    assert cfg["optim"]["lr"] == 5e-5 and cfg["optim"]["head_lr_mult"] == 10.0 and cfg["optim"]["weight_decay"] == 0.01
+    assert cfg["data"]["batch_size"] == 8 and cfg["data"]["transforms"]["crop"] == 384
+    steps_per_epoch = 10582 // 8
+    assert cfg["train"]["steps"] == 12 * steps_per_epoch and obj.warmup_steps == 2 * steps_per_epoch
 
 
 @pytest.mark.parametrize("preset,classes", [("aream_voc", VOC_LIKE), ("aream_coco", VOC_LIKE),

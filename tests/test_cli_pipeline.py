@@ -155,7 +155,8 @@ def test_demo_runs_the_pipeline_and_writes_report_and_results(tmp_path):
     assert main(["demo", "--out", str(out), "--steps", "3", "--num-train", "40", "--num-val", "4"]) == 0
     payload = json.loads((out / "results.json").read_text())
     results = payload["methods"]
-    assert set(results) == set(REGISTRY.maps()) >= {"cam", "gradcam", "rollout", "getam", "acr", "aream"}
+    # The demo's token-head model has no per-class tokens, so the mctformer map is the one left out.
+    assert set(results) == set(REGISTRY.maps()) - {"mctformer"} >= {"cam", "gradcam", "rollout", "getam", "acr", "aream"}
     for r in results.values():
         assert 0.0 <= r["miou"] <= 1.0
     pipeline = payload["pipeline"]

@@ -169,6 +169,26 @@ def test_run_folder_contents_and_checkpoints(synth, tmp_path):
     assert (run / "checkpoints" / "latest").read_text() == "step_0000006"
 
 
+def test_validation_map_keeps_the_best_model_across_a_resume(synth, tmp_path):
+    from wsss.train.engine import BEST_MODEL_FILE
+
+    run = tmp_path / "run"
+    over = ["train.ckpt_every=2", "val.every=2", "val.metric=map", "val.keep_best=true"]
+    trainer = Trainer(load_config(None, tiny_overrides(synth, run, "train.steps=4", *over)))
+    summary = trainer.fit()
+    vals = [line["val_map"] for line in metric_lines(run) if "val_map" in line]
+    assert len(vals) == 2 and summary["val"]["best"] == pytest.approx(max(vals))
+    assert 0 < summary["val"]["map"] <= 1 and (run / BEST_MODEL_FILE).is_file()
+    # The best model is the one that scored best: rescoring it gives the best value.
+    best, _ = load(run / BEST_MODEL_FILE)
+    trainer.model.load_state_dict(best.state_dict())
+    again = trainer._validate_map(trainer.val_dataset, len(trainer.val_dataset))
+    assert again["map"] == pytest.approx(max(vals))
+    resumed = Trainer(load_config(None, tiny_overrides(synth, run, "train.steps=6", *over)))
+    resumed.fit(resume=True)
+    assert resumed.best_val >= max(vals)
+
+
 def test_tensorboard_gets_scalars_and_map_grid(synth, tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     run = tmp_path / "run"
@@ -518,6 +538,32 @@ def test_learning_rate_schedules():
     assert lr_factor(3, 10, {"lr": 1.0, "schedule": "constant"}) == 1.0
     with pytest.raises(ConfigError, match="schedule"):
         lr_factor(0, 10, {"lr": 1.0, "schedule": "step"})
+
+
+def test_timm_epoch_cosine_as_deits_loop_steps_it():
+    """A transcription of timm's CosineLRScheduler._get_lr (warmup_prefix False) driven like DeiT's main loop:
+    the lr set at start, then ``scheduler.step(epoch)`` after each epoch."""
+    base, warm_lr, floor, epochs, warm, per_epoch = 6.25e-5, 1e-6, 1e-5, 12, 3, 5
+
+    def get_lr(t):
+        if t < warm:
+            return warm_lr + t * (base - warm_lr) / warm
+        return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * t / epochs))
+
+    expected, current = [], get_lr(0)
+    for epoch in range(epochs):
+        expected += [current] * per_epoch  # the whole epoch runs at the lr set before it
+        current = get_lr(epoch)  # lr_scheduler.step(epoch) after the epoch
+    cfg = load_config(None, ["optim.schedule=cosine", f"optim.lr={base}", f"optim.min_lr={floor}",
+                             f"optim.warmup_lr={warm_lr}", f"optim.warmup_steps={warm * per_epoch}",
+                             f"optim.epoch_steps={per_epoch}"])["optim"]
+    got = [base * lr_factor(step, epochs * per_epoch, cfg) for step in range(epochs * per_epoch)]
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert got[0] == pytest.approx(1e-6) and got[per_epoch] == pytest.approx(1e-6)  # DeiT's first two epochs
+    with pytest.raises(ConfigError, match="whole number of epochs"):
+        load_config(None, ["optim.warmup_steps=7", "optim.epoch_steps=5"])
+    with pytest.raises(ConfigError, match="needs schedule: cosine"):
+        load_config(None, ["optim.schedule=poly", "optim.epoch_steps=5"])
 
 
 def test_param_groups_and_the_authors_sgd_quirk():

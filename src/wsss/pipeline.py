@@ -292,6 +292,9 @@ def run_pipeline(settings: PipelineSettings,
                                "run_dir": str(run)}
         chosen = formulas if settings.matrix_of is None or method.name in settings.matrix_of else \
             [f for f in formulas if f in ("cam", method.own_map)]
+        # A formula that cannot read this model (the mctformer map of a model without the mct head) is left out.
+        maps_of = REGISTRY.maps()
+        chosen = [f for f in chosen if maps_of[f].applies_to(model)]
 
         def score(formula: str) -> float:  # one cached stage per model and formula
             return stages.run(f"{method.name}/maps/{formula}",

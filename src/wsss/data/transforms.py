@@ -478,6 +478,7 @@ class Compose:
 _KNOWN_KEYS = {
     "resize", "resize_long", "random_scale", "crop", "crop_mode", "scale", "ratio", "hflip",
     "color_jitter", "color_jitter_p", "mean", "std", "pad_mask", "interpolation", "hide_patches",
+    "rand_augment", "random_erasing", "random_erasing_mode",
 }
 
 
@@ -495,10 +496,13 @@ def build_transforms(cfg: dict[str, Any]) -> Compose:
     (default; pads when smaller) / ``center`` / ``resized``; ``scale`` and ``ratio`` (a RandomResizedCrop of
     ``crop``; giving ``scale`` selects ``resized``), ``hflip`` (bool or probability), ``color_jitter``
     (``[b, c, s, h]``) with ``color_jitter_p``, ``mean`` / ``std`` (default 0.5; ``null`` disables
-    normalisation), ``pad_mask`` (255), ``interpolation`` (``bilinear``).
+    normalisation), ``pad_mask`` (255), ``interpolation`` (``bilinear``), ``rand_augment`` (a timm policy string
+    such as ``rand-m9-mstd0.5-inc1``), ``random_erasing`` (its probability) with ``random_erasing_mode``
+    (``pixel``).
 
-    Order: resize -> random resize -> hflip -> colour jitter -> crop -> normalise -> hide patches
-    (``hide_patches: [size, p]``, Hide-and-Seek).
+    Order: resize -> random resize -> hflip -> colour jitter -> crop -> RandAugment -> normalise -> random erasing
+    -> hide patches (``hide_patches: [size, p]``, Hide-and-Seek). timm's ImageNet train transform has the same
+    order: crop, flip, RandAugment, normalise, erasing.
     """
     unknown = set(cfg) - _KNOWN_KEYS
     if unknown:
@@ -542,8 +546,18 @@ def build_transforms(cfg: dict[str, Any]) -> Compose:
                 raise ConfigError(f"crop_mode must be 'random', 'center' or 'resized', got {mode!r}")
         elif cfg.get("scale") is not None or cfg.get("ratio") is not None:
             raise ConfigError("'scale'/'ratio' set the random resized crop and need 'crop'")
+        if cfg.get("rand_augment"):
+            from .randaugment import RandAugment
+
+            # timm fills the geometric ops with the normalisation mean as 0..255 colour.
+            fill = [min(255, round(255 * m)) for m in (mean if mean is not None else (0.5, 0.5, 0.5))]
+            steps.append(RandAugment.from_policy(str(cfg["rand_augment"]), fill=fill, interpolation=interp))
         if mean is not None:
             steps.append(Normalize(mean, std))
+        if cfg.get("random_erasing"):
+            from .randaugment import RandomErasing
+
+            steps.append(RandomErasing(float(cfg["random_erasing"]), cfg.get("random_erasing_mode", "pixel")))
         if cfg.get("hide_patches") is not None:
             steps.append(HidePatches(*cfg["hide_patches"]))
     except (TypeError, ValueError) as exc:

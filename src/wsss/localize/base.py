@@ -307,6 +307,11 @@ class Localizer(ABC):
         self.model = model
         self.score_fn = score_fn
 
+    @classmethod
+    def applies_to(cls, model: nn.Module) -> bool:
+        """Whether this map can be read off ``model`` (the MCTformer map needs one class token per class)."""
+        return True
+
     def __enter__(self) -> "Localizer":
         return self
 

@@ -1,7 +1,8 @@
 """Classification heads of the ViT, one module each, named as timm names them (``head.weight``, ``head.bias``).
 
 Each head is the layer itself (a ``Linear`` or a ``Conv2d``), so existing checkpoints load with ``strict=True``,
-plus :meth:`classify`, which reads the final-normed tokens and returns a :class:`HeadOutput`. :data:`HEADS` maps the
+plus :meth:`classify`, which reads the tokens (after the final norm unless the head sets ``final_norm = False``)
+and returns a :class:`HeadOutput`. :data:`HEADS` maps the
 ``head=`` names of :func:`wsss.models.create_model` to the classes; a new head registers there.
 """
 
@@ -69,11 +70,17 @@ class ConvHead(nn.Conv2d):
 
 
 class MCTHead(nn.Conv2d):
-    """MCTformer: one class token per class; the logits are each class token's channel mean, and a 3x3 conv on the
-    patch map gives the CAM and, pooled, the patch logits."""
+    """MCTformer-V2: one class token per class; the logits are each class token's channel mean, and a 3x3 conv on
+    the patch map gives the CAM and, pooled, the patch logits.
+
+    Both read the raw output of the last block, as MCTformer-V2 does (its ``forward_features`` never applies the
+    final norm): after a LayerNorm every class token's channel mean would be pinned near mean(beta), the same for
+    all classes (0 at initialisation).
+    """
 
     reads_patches = True
     tokens_per_class = True
+    final_norm = False
 
     def __init__(self, dim: int, num_classes: int, pool: str = "avg"):
         super().__init__(dim, num_classes, kernel_size=3, padding=1)

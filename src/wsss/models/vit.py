@@ -72,7 +72,7 @@ class ViTOutput:
 
     @property
     def patch_tokens(self) -> Tensor:
-        """Patch tokens after the final norm, ``(B, N, D)``."""
+        """Patch tokens after the final norm (the MCT head: the last block's raw output), ``(B, N, D)``."""
         return self.tokens[:, self.num_prefix :]
 
 
@@ -370,7 +370,8 @@ class VisionTransformer(nn.Module):
                 out.attn_logits.append(lg)
             if capture.hidden:
                 out.hidden.append(tokens)
-        out.tokens = self.norm(tokens)
+        # The MCT head reads the last block's raw output (its norm parameters stay, unused, as in MCTformer-V2).
+        out.tokens = self.norm(tokens) if getattr(self.head, "final_norm", True) else tokens
         head: HeadOutput = self.head.classify(out.tokens, grid, self.num_prefix)
         if self.head_dist is not None:  # distilled DeiT: the mean of the class- and distillation-token heads
             head.logits = (head.logits + self.head_dist(out.tokens[:, 1])) / 2

@@ -81,6 +81,16 @@ def _jitter(values: list[float]) -> list[float]:
     return values
 
 
+def _policy(value: str) -> str:
+    from ..data.randaugment import RandAugment
+
+    try:
+        RandAugment.from_policy(value)
+    except ValueError as exc:  # ConfigError is one
+        raise PydanticCustomError("rand_augment", "{problem}", {"problem": str(exc)}) from None
+    return value
+
+
 def _hide_patches(value: Any) -> list:
     if (isinstance(value, list) and len(value) == 2 and _is_int(value[0]) and value[0] >= 1
             and isinstance(value[1], (int, float)) and not isinstance(value[1], bool) and 0 <= value[1] < 1):
@@ -190,6 +200,9 @@ class TransformsSection(_Section):
     pad_mask: Annotated[int, Field(ge=0, le=255)] = 255
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     hide_patches: Annotated[Any, AfterValidator(_hide_patches)] | None = None  # Hide-and-Seek [size, p]
+    rand_augment: Annotated[str, AfterValidator(_policy)] | None = None  # a timm policy string: rand-m9-mstd0.5-inc1 (MCTformer, AReAM)
+    random_erasing: Fraction | None = None  # its probability (timm's reprob: 0.25)
+    random_erasing_mode: Literal["pixel", "rand", "const"] = "pixel"
 
     @model_validator(mode="after")
     def _resolve_crop(self) -> "TransformsSection":
@@ -236,7 +249,22 @@ class OptimSection(_Section):
     warmup_steps: NonNegativeInt = 0
     poly_power: PositiveFloat = 0.9
     min_lr: NonNegativeFloat = 0.0
+    # timm's epoch-wise cosine (MCTformer, AReAM): the lr changes once per epoch of this many steps (warmup_steps
+    # then a whole number of epochs); see wsss.train.optim.lr_factor.
+    epoch_steps: PositiveInt | None = None
+    warmup_lr: NonNegativeFloat = 0.0  # where the linear warm-up starts (timm's warmup_lr_init)
     authors_sgd_quirk: bool = False  # see wsss.train.optim.build_optimizer
+
+    @model_validator(mode="after")
+    def _epoch_schedule(self) -> "OptimSection":
+        if self.epoch_steps is not None:
+            if self.schedule != "cosine":
+                raise PydanticCustomError("epoch_steps", "epoch_steps (timm's epoch-wise schedule) needs schedule: "
+                                          "cosine, not {schedule}", {"schedule": self.schedule})
+            if self.warmup_steps % self.epoch_steps:
+                raise PydanticCustomError("epoch_steps", "warmup_steps ({w}) must be a whole number of epochs of "
+                                          "{e} steps", {"w": self.warmup_steps, "e": self.epoch_steps})
+        return self
 
     @field_validator("min_lr")
     @classmethod
@@ -261,10 +289,12 @@ class TrainSection(_Section):
 
 
 class ValSection(_Section):
-    """Validation of the maps during training (0 = never)."""
+    """Validation during training (0 = never): the maps' mIoU, or the classifier's mAP (MCTformer, AReAM)."""
 
     every: NonNegativeInt = 0
     split: SplitName = "val"
+    metric: Literal["miou", "map"] = "miou"  # map: per-image AP of the logits (MCTformer's compute_mAP)
+    keep_best: bool = False  # also write model_best.safetensors whenever the metric improves
     method: str = "cam"
     limit: PositiveInt | None = None
     scales: Annotated[list[PositiveFloat], Field(min_length=1)] = [1.0]

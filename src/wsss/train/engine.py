@@ -30,9 +30,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.io import write_bytes_atomic
-from ..data.transforms import build_transforms
+from ..data.transforms import CenterCrop, Compose, Normalize, Resize, ToTensor, build_transforms
 from ..data.voc import VOCDataset, collate
 from ..device import resolve_device
+from ..evaluate.classification import mean_average_precision
 from ..errors import CARRIED, CheckpointError, ConfigError, WorkerFailure, WSSSError, naming
 from ..methods import get_method
 from ..models import create_model, load_into
@@ -48,6 +49,8 @@ from .optim import build_optimizer, build_scheduler
 from .runlog import RunLog
 from .sampler import ResumableBatchSampler
 from .validate import map_grid, maps_sweep, sweep_result
+
+BEST_MODEL_FILE = "model_best.safetensors"  # val.keep_best: the weights of the best validation so far
 
 log = logging.getLogger("wsss.train")
 
@@ -120,7 +123,7 @@ class Trainer:
                                   seed=cfg["seed"], mask_dir=data["mask_dir"], saliency_dir=data["saliency_dir"])
         self.classes = self.dataset.classes
         # Opened now, so that a validation split without masks fails before training, not after val.every steps.
-        self.val_dataset = (VOCDataset(data["root"], cfg["val"]["split"], require_masks=True)
+        self.val_dataset = (VOCDataset(data["root"], cfg["val"]["split"], require_masks=cfg["val"]["metric"] == "miou")
                             if cfg["val"]["every"] else None)
         try:
             self.sampler = ResumableBatchSampler(len(self.dataset), data["batch_size"], cfg["seed"], self.dist.rank,
@@ -150,6 +153,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, keep=t["keep_checkpoints"])
         self.runlog = RunLog(self.run_dir, enabled=self.dist.is_main)
         self.step = 0
+        self.best_val: float | None = None  # the best validation metric so far (val.keep_best)
         self.notes: list[tuple[int, str]] = []  # (log level, message) of the resume checks, for train.log
 
     # ------------------------------------------------------------------------------------------------ state
@@ -161,6 +165,8 @@ class Trainer:
                  "world_size": self.dist.world_size}
         if hasattr(self.objective, "state_dict"):
             state["objective"] = self.objective.state_dict()
+        if self.best_val is not None:
+            state["best_val"] = self.best_val
         return state
 
     def resume(self, fresh_optimizer: bool = False, allow_changes: bool = False) -> bool:
@@ -200,6 +206,8 @@ class Trainer:
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CheckpointError(f"{path}: the training state does not fit this config ({exc})") from exc
         self.step = step
+        best = state.get("best_val")
+        self.best_val = float(best) if isinstance(best, (int, float)) and not isinstance(best, bool) else None
         rngs = state["rng"]
         if len(rngs) != self.dist.world_size:
             log.warning("%s was saved by %d processes, resumed by %d: random streams restart, so the run will not "
@@ -449,13 +457,48 @@ class Trainer:
     # --------------------------------------------------------------------------------------------- validate
 
     def validate(self) -> dict[str, Any]:
-        """mIoU of the ``val.method`` maps on ``val.split``: each process takes every world_size-th image and the
-        confusion counts are summed over processes. Rank 0 logs it, with a picture grid in TensorBoard."""
+        """``val.metric`` on ``val.split``, each process taking every world_size-th image: the mIoU of the
+        ``val.method`` maps (confusion counts summed over processes; rank 0 logs a picture grid in TensorBoard), or
+        the classifier's mAP. With ``val.keep_best`` rank 0 writes ``model_best.safetensors`` when it improves."""
         v = self.cfg["val"]
         dataset = self.val_dataset
         if dataset is None:  # validate() called directly, with val.every = 0
-            dataset = VOCDataset(self.cfg["data"]["root"], v["split"], require_masks=True)
+            dataset = VOCDataset(self.cfg["data"]["root"], v["split"], require_masks=v["metric"] == "miou")
         n = len(dataset) if v["limit"] is None else min(v["limit"], len(dataset))
+        result = self._validate_map(dataset, n) if v["metric"] == "map" else self._validate_miou(dataset, n)
+        self.model.train()
+        value = result[v["metric"]]
+        if v["keep_best"] and (self.best_val is None or value > self.best_val):
+            self.best_val = value
+            if self.dist.is_main:
+                save(self.run_dir / BEST_MODEL_FILE, self.model, self.spec)
+                log.info("step %d: val %s %.4f, the best so far: wrote %s", self.step, v["metric"], value,
+                         self.run_dir / BEST_MODEL_FILE)
+        result["best"] = self.best_val
+        return result
+
+    @torch.no_grad()
+    def _validate_map(self, dataset: VOCDataset, n: int) -> dict[str, Any]:
+        """Per-image mAP of the logits on timm's eval view (short side crop / 0.875, centre crop), as MCTformer."""
+        crop = self.cfg["data"]["transforms"].get("crop") or 224
+        side = crop if isinstance(crop, int) else min(crop)
+        view = Compose([ToTensor(), Resize(int(side / 0.875), self.cfg["data"]["transforms"]["interpolation"]),
+                        CenterCrop(crop), Normalize(self.mean, self.std)])
+        self.model.eval()
+        labels, scores = [], []
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for i in range(self.dist.rank, n, self.dist.world_size):
+                image, _ = view(dataset.load_image(i))
+                scores.append(torch.sigmoid(self.model(image[None].to(self.device)))[0].float().cpu().numpy())
+                labels.append(dataset.labels(i))
+        labels = [x for part in all_gather_objects(labels, self.dist) for x in part]
+        scores = [x for part in all_gather_objects(scores, self.dist) for x in part]
+        result = {"map": mean_average_precision(np.stack(labels), np.stack(scores)), "num_images": len(labels)}
+        self.runlog.scalars(self.step, {"val_map": result["map"], "val_images": result["num_images"]})
+        return result
+
+    def _validate_miou(self, dataset: VOCDataset, n: int) -> dict[str, Any]:
+        v = self.cfg["val"]
         rank, world = self.dist.rank, self.dist.world_size
         options = dict(method=v["method"], scales=v["scales"], flip=v["flip"], device=self.device, mean=self.mean,
                        std=self.std)
@@ -470,7 +513,6 @@ class Trainer:
                 grid = map_grid(self.model, dataset, range(min(v["images"], n)), threshold=result["threshold"],
                                 **options)
                 self.runlog.image(f"val/{v['method']}", self.step, grid)
-        self.model.train()
         self.runlog.scalars(self.step, {"val_miou": result["miou"], "val_threshold": result["threshold"],
                                         "val_images": result["num_images"]})
         return result

@@ -53,10 +53,20 @@ def build_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
 
 
 def lr_factor(step: int, total: int, cfg: dict) -> float:
-    """Multiplier of the base learning rate at ``step`` (linear warm-up, then the schedule)."""
+    """Multiplier of the base learning rate at ``step`` (linear warm-up, then the schedule).
+
+    With ``epoch_steps`` the cosine is timm's ``CosineLRScheduler`` as DeiT's loop (and so MCTformer's and AReAM's)
+    steps it: the lr is constant within an epoch; epoch e runs at the value of t = max(e - 1, 0) (the loop calls
+    ``scheduler.step(epoch)`` after epoch e, so the first two epochs share t = 0); t < W warm-up epochs give
+    ``warmup_lr + t (lr - warmup_lr) / W``, later ones ``min_lr + (lr - min_lr)(1 + cos(pi t / E)) / 2`` with
+    E = total epochs and t not shifted by the warm-up (timm's ``warmup_prefix=False``).
+    """
+    if cfg.get("epoch_steps"):
+        return _timm_epoch_cosine(step, total, cfg)
     warmup = cfg.get("warmup_steps", 0)
-    if step < warmup:
-        return (step + 1) / warmup
+    if step < warmup:  # linear from warmup_lr (default 0) towards lr
+        start = cfg.get("warmup_lr", 0.0) / cfg["lr"] if cfg["lr"] else 0.0
+        return start + (1 - start) * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     floor = cfg.get("min_lr", 0.0) / cfg["lr"] if cfg["lr"] else 0.0
     schedule = cfg["schedule"]
@@ -67,6 +77,19 @@ def lr_factor(step: int, total: int, cfg: dict) -> float:
     if schedule == "cosine":
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     raise ConfigError(f"optim.schedule must be cosine, poly or constant, got {schedule!r}")
+
+
+def _timm_epoch_cosine(step: int, total: int, cfg: dict) -> float:
+    per_epoch = int(cfg["epoch_steps"])
+    t = max(step // per_epoch - 1, 0)
+    epochs = max(1, total // per_epoch)
+    warm = cfg.get("warmup_steps", 0) // per_epoch
+    lr, start, floor = cfg["lr"], cfg.get("warmup_lr", 0.0), cfg.get("min_lr", 0.0)
+    if t < warm:
+        value = start + t * (lr - start) / warm
+    else:
+        value = floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * t / epochs))
+    return value / lr
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: dict,

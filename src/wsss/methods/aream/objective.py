@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,8 @@ class AReAMOptions(MethodOptions):
     scale: float = Field(0.5, gt=0.0, le=1.0)  # PAR runs at this fraction of the crop size
     par_iterations: int = Field(10, ge=0)
     cam_eval_mode: bool = False
+    # Scales of the no-grad CAM pass (each with its flip): [1.0] for MCTformer, [0.5, 1, 1.5] for the Conformer.
+    cam_scales: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=lambda: [1.0], min_length=1)
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> "AReAMOptions":
@@ -114,17 +116,19 @@ def entropy_weights(spec: str | Sequence[float] | None) -> Tensor | None:
 
 @torch.no_grad()
 def reactivation_cams(model: nn.Module, images: Tensor, labels: Tensor, layer_index: int,
-                      shallow_weights: Tensor | None = None, eval_mode: bool = False) -> tuple[Tensor, Tensor]:
+                      shallow_weights: Tensor | None = None, eval_mode: bool = False,
+                      scales: Sequence[float] = (1.0,)) -> tuple[Tensor, Tensor]:
     """Step 1: the re-activated CAMs ``(B, K, H, W)`` in [0, 1] of each image's classes and those classes ``(B, K)``
     (classifier outputs, -1 for unused slots).
 
     ``model`` is the bare network (not a DDP wrapper); ``labels`` the ``(B, C)`` multi-hot image labels;
     ``shallow_weights`` the per-block w_l of the shallow affinity (None = 1); ``eval_mode`` runs the pass in eval
-    mode (the authors' code runs it in training mode, drop-path active).
+    mode (the authors' code runs it in training mode, drop-path active); ``scales`` are the views' resize factors,
+    each with its flip (``gen_msf_cam``).
     """
     classes = present_classes(labels)
     with AReAM(model, layers=layer_index, layer_weights=shallow_weights) as localizer:
-        cams = localizer(images, classes, flip=True, eval_mode=eval_mode)
+        cams = localizer(images, classes, scales=scales, flip=True, eval_mode=eval_mode)
     return cams, classes
 
 
@@ -227,7 +231,8 @@ class AReAMObjective:
         """Steps 1-2 for a batch: the ``(B, H, W)`` two-threshold PAR labels of the re-activated CAMs."""
         o = self.options
         shallow = None if self.entropy is None else 1 - self.entropy[: self.layer_index]
-        cams, classes = reactivation_cams(net, images, labels, self.layer_index, shallow, eval_mode=o.cam_eval_mode)
+        cams, classes = reactivation_cams(net, images, labels, self.layer_index, shallow, eval_mode=o.cam_eval_mode,
+                                          scales=tuple(o.cam_scales))
         return pseudo_segmentation(cams, classes, denormalize(images, self.mean, self.std), self.classes, o.high,
                                    o.low, o.scale, o.par_iterations, chunk_size=None if images.is_cuda else 1)
 
