@@ -47,7 +47,7 @@ def test_cam_start_layer_maps_equal_the_reference(synth, classifier, tmp_path):
         out = tmp_path / f"start_{start}"
         extra = [] if start is None else ["--start-layer", str(start)]
         assert main(["cam", "--checkpoint", str(path), "--data", str(synth), "--split", "val", "--method", "getam",
-                     "--out", str(out), "--device", "cpu", *extra]) == 0
+                     "--out", str(out), "--device", "cpu", "--map-resolution", "full", *extra]) == 0
         runs[start] = out
     mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
     differs = 0.0

@@ -108,7 +108,7 @@ def test_cam_localises_the_encoder_of_a_segmentation_checkpoint(trained, tmp_pat
                  "method.start_layer=2"]) == 0
     out = tmp_path / "maps"
     assert main(["cam", "--checkpoint", str(getam_run), "--data", str(data), "--split", "val", "--method", "getam",
-                 "--out", str(out), "--limit", "2", "--device", "cpu"]) == 0
+                 "--out", str(out), "--limit", "2", "--device", "cpu", "--map-resolution", "full"]) == 0
     model, spec = checkpoint.load(getam_run)
     assert spec.is_segmenter
     val = VOCDataset(data, "val")

@@ -5,6 +5,9 @@ encoder (the ViT with its classifier). ``OUT/wsss-manifest.json`` records what m
 sha256, the map and its options, the views, the threshold, the dataset) and the files written: a rerun with the same
 settings skips the images whose files it lists, so an interrupted run resumes; other settings are an error unless
 ``--overwrite``; a file it does not list is recomputed.
+
+Images of one size are localised in batches, decoded by loader workers; under ``torchrun`` the ranks share the
+images out (:mod:`wsss.cli.sharding`) and write the same files as one process.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ..localize.split import iter_split_maps
 from ..methods import REGISTRY
 from ..models import checkpoint
 from ..pseudo.labels import maps_to_labels
-from . import options
+from . import options, sharding
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -59,8 +62,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="most memory one image's maps may take, e.g. 4G (default: $WSSS_MEMORY_BUDGET, else a "
                    "quarter of the RAM or 90%% of the free GPU memory); a larger image is computed in chunks or at "
                    "a reduced size, with a warning")
+    p.add_argument("--map-resolution", choices=("compact", "full"), default="compact",
+                   help="compact (default): maps stored at a quarter of the patch size per pixel (4x the token "
+                   "grid, float16), upsampled when read; full: at the image size")
     options.add_views(p)
     options.add_normalization(p)
+    options.add_batching(p)
     options.add_limit(p)
     options.add_device(p)
     p.set_defaults(func=run)
@@ -89,11 +96,16 @@ def _map_options(method: str, start_layer: int | None, depth: int) -> dict:
     return {"start_layer": start_layer}
 
 
+def map_stride(resolution: str, patch_size: int) -> int:
+    """Pixels per stored map value: a quarter of the patch (4x the token grid) for ``compact``, 1 for ``full``."""
+    return 1 if resolution == "full" else max(patch_size // 4, 1)
+
+
 def run(args: argparse.Namespace) -> int:
     """Write the maps (and labels) of every image of the split whose files the manifest of ``--out`` lacks."""
-    device = options.resolve_device(args.device)
+    shard = sharding.join(args)
     source = checkpoint.resolve(args.checkpoint)
-    model, spec = checkpoint.load(source, device)
+    model, spec = checkpoint.load(source, shard.device)
     vit = model.encoder if spec.is_segmenter else model
     dataset = VOCDataset(args.data, args.split)
     options.check_classes(spec, dataset.classes.names, source, args.data)
@@ -106,26 +118,32 @@ def run(args: argparse.Namespace) -> int:
     has_background = dataset.classes.has_background
     with_labels = args.threshold is not None or not has_background
     threshold = args.threshold if has_background else None
+    stride = map_stride(args.map_resolution, vit.patch_size)
     settings = {"checkpoint_sha256": checkpoint_digest(source), "method": args.method, "start_layer": args.start_layer,
                 "scales": [float(s) for s in args.scales], "flip": bool(args.flip), "mean": list(mean),
-                "std": list(std), "labels": with_labels, "threshold": threshold}
-    indices = options.limited(range(len(dataset)), args.limit)
+                "std": list(std), "labels": with_labels, "threshold": threshold, "map_stride": stride}
+    indices = shard.take(options.limited(range(len(dataset)), args.limit))
     names = {i: [f"{dataset.ids[i]}.npz"] + ([f"labels/{dataset.ids[i]}.png"] if with_labels else [])
              for i in indices}
-    with OutputManifest.open(out, "cam", settings, dataset.root, args.split, overwrite=args.overwrite,
+    with shard.open_manifest(out, "cam", settings, dataset.root, args.split, overwrite=args.overwrite,
                              command="wsss cam", arguments=vars(args)) as manifest:
         manifest.warn_untrusted(name for i in indices for name in names[i])
         todo = [i for i in indices if not all(manifest.trusted(name) for name in names[i])]
-        if len(todo) < len(indices):
-            print(f"resuming: {len(indices) - len(todo)} of {len(indices)} images already done")
         maps_iter = iter_split_maps(vit, dataset, args.method, args.scales, args.flip, mean, std, indices=todo,
-                                    device=device, memory_budget=args.memory_budget, **map_options)
-        for image_id, maps, labels in tqdm(maps_iter, total=len(todo), desc=f"{args.method} maps"):
+                                    device=shard.device, memory_budget=args.memory_budget,
+                                    batch_size=args.batch_size,
+                                    num_workers=options.loader_workers(args, shard.device), **map_options)
+        for image_id, maps, labels in tqdm(maps_iter, total=len(todo), desc=f"{args.method} maps",
+                                           disable=not shard.is_main):
             if with_labels:
                 pred = maps_to_labels(torch.from_numpy(maps), labels, threshold)
                 write_mask(out / "labels" / f"{image_id}.png", pred.numpy().astype(np.uint8))
                 manifest.record(f"labels/{image_id}.png")
-            save_maps(out / f"{image_id}.npz", maps, labels)
+            save_maps(out / f"{image_id}.npz", maps, labels, stride=stride)
             manifest.record(f"{image_id}.npz")
-    print(f"wrote {len(todo)} map files to {out}")
+    written, total = shard.finish(out, [len(todo), len(indices)])
+    if shard.is_main:
+        if written < total:
+            print(f"resuming: {total - written} of {total} images already done")
+        print(f"wrote {written} map files to {out}")
     return 0

@@ -157,6 +157,23 @@ def add_views(parser: argparse.ArgumentParser, what: str = "maps") -> None:
     group.add_argument("--flip", action="store_true", help="add the horizontally flipped view of every scale")
 
 
+def add_batching(parser: argparse.ArgumentParser) -> None:
+    """``--batch-size`` and ``--workers`` of split inference."""
+    parser.add_argument("--batch-size", type=positive_int, default=4, metavar="B",
+                        help="images of one size computed together (default: 4; the memory budget still splits a "
+                        "batch that would not fit)")
+    parser.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
+                        help="data-loader processes that decode the images (default: 2 on a GPU; 0 on the CPU, "
+                        "whose cores compute the maps)")
+
+
+def loader_workers(args: argparse.Namespace, device: "torch.device") -> int:
+    """``--workers``, or its default for the device."""
+    if args.workers is not None:
+        return args.workers
+    return 2 if device.type == "cuda" else 0
+
+
 def add_limit(parser: argparse.ArgumentParser) -> None:
     """``--limit N``: only the first N images of the split."""
     parser.add_argument("--limit", type=positive_int, metavar="N", default=None,

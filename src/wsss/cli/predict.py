@@ -19,7 +19,7 @@ from ..errors import CheckpointError
 from ..models import checkpoint
 from ..refine.crf import CRF_PRESETS
 from ..segment.predict import predict_split
-from . import options
+from . import options, sharding
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="start over: delete the files the manifest of --out lists, even if made with other settings")
     options.add_views(p, what="probabilities")
     options.add_normalization(p)
+    options.add_batching(p)
     options.add_limit(p)
     options.add_device(p)
     p.set_defaults(func=run)
@@ -57,9 +58,9 @@ def manifest_settings(digest: str, args: argparse.Namespace, mean: Sequence[floa
 
 def run(args: argparse.Namespace) -> int:
     """Predict every image of the split whose label PNG the manifest of ``--out`` does not list."""
-    device = options.resolve_device(args.device)
+    shard = sharding.join(args)
     source = checkpoint.resolve(args.checkpoint)
-    model, spec = checkpoint.load(source, device)
+    model, spec = checkpoint.load(source, shard.device)
     if not spec.is_segmenter:
         raise CheckpointError(f"{source} is a classifier; `wsss predict` needs a segmentation model "
                               "(localise a classifier with `wsss cam`)")
@@ -68,9 +69,15 @@ def run(args: argparse.Namespace) -> int:
     mean, std = options.normalization(args, spec, source)
     check_output_folder(args.out, dataset.root, dataset.mask_dir)
     settings = manifest_settings(checkpoint_digest(source), args, mean, std)
-    with OutputManifest.open(args.out, "predict", settings, dataset.root, args.split, overwrite=args.overwrite,
+    indices = shard.take(options.limited(range(len(dataset)), args.limit))
+    with shard.open_manifest(args.out, "predict", settings, dataset.root, args.split, overwrite=args.overwrite,
                              command="wsss predict", arguments=vars(args)) as manifest:
         written, skipped = predict_split(model, dataset, args.out, args.scales, args.flip, args.crf, mean=mean,
-                                         std=std, device=device, limit=args.limit, manifest=manifest)
-    print(f"wrote {written} label PNGs to {args.out} ({skipped} already there)")
+                                         std=std, device=shard.device, indices=indices, manifest=manifest,
+                                         batch_size=args.batch_size,
+                                         num_workers=options.loader_workers(args, shard.device),
+                                         progress=shard.is_main)
+    written, skipped = shard.finish(args.out, [written, skipped])
+    if shard.is_main:
+        print(f"wrote {written} label PNGs to {args.out} ({skipped} already there)")
     return 0

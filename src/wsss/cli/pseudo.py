@@ -23,15 +23,17 @@ import torch
 from tqdm import tqdm
 
 from ..data.io import write_mask
-from ..data.manifest import OutputManifest, check_output_folder, identity_of, untrusted_files
+from ..data.manifest import OutputManifest, check_output_folder, checkpoint_digest, identity_of, untrusted_files
 from ..data.voc import VOCDataset
 from ..errors import ConfigError, DataError
 from ..methods import REGISTRY, get_method
-from ..pseudo.generate import PseudoSettings, pseudo_label_for
+from ..localize.split import iter_split_maps
+from ..models import checkpoint
+from ..pseudo.generate import PseudoSettings, pseudo_label, pseudo_label_for
 from ..refine.affinity import NORMALIZATIONS
 from ..refine.crf import CRF_PRESETS
 from ..refine.refiner import REFINEMENTS
-from . import options
+from . import options, sharding
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "unless --overwrite. "
         "Give a rule flag, or --method NAME for that method's recipe (rule, parameters and refinement).",
     )
-    parser.add_argument("--maps", required=True, type=Path, help="folder of <id>.npz maps (wsss cam)")
+    source = parser.add_argument_group("maps (exactly one)").add_mutually_exclusive_group(required=True)
+    source.add_argument("--maps", type=Path, help="folder of <id>.npz maps (wsss cam)")
+    source.add_argument("--checkpoint", type=Path,
+                        help="compute the maps from this classifier run (folder or model.safetensors) on the fly, "
+                        "writing no map files")
+    parser.add_argument("--map-method", choices=sorted(REGISTRY.maps()), default=None,
+                        help="with --checkpoint: the map formula (default: --method's own map, else getam)")
     parser.add_argument("--data", required=True, type=Path, help="dataset root (VOC layout)")
     parser.add_argument("--split", required=True, help="split name: ROOT/ImageSets/Segmentation/<split>.txt")
     parser.add_argument("--out", required=True, type=Path, help="folder for the <id>.png labels")
@@ -89,12 +97,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--affinity-power", type=options.positive_float, default=1.0, help="power beta of the affinity")
     parser.add_argument("--affinity-steps", type=options.non_negative_int, default=1, help="random-walk steps")
     parser.add_argument("--affinity-normalize", choices=NORMALIZATIONS, default="row", help="affinity normalisation")
-    parser.add_argument("--workers", type=options.non_negative_int, default=0,
-                        help="worker processes (0: work in this process)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over: delete the files the manifest of --out lists, even if made with other "
                         "settings")
+    options.add_views(parser)
+    options.add_normalization(parser)
+    options.add_batching(parser)
     options.add_limit(parser)
+    options.add_device(parser)
     parser.set_defaults(func=run)
 
 
@@ -179,27 +189,72 @@ def _run_pool(settings: PseudoSettings, jobs: Sequence[tuple[str, Path, Path]], 
                 bar.update(1)
 
 
-def manifest_settings(settings: PseudoSettings) -> dict[str, Any]:
+def manifest_settings(settings: PseudoSettings, made_by: dict[str, Any] | None) -> dict[str, Any]:
     """The settings that decide the PNGs: every pseudo-label setting, and what made the maps (their folder's
-    manifest, None without one), so new maps in the same folder do not pass for the old ones."""
-    return {**settings.describe(), "maps_made_by": identity_of(settings.maps_dir)}
+    manifest, None without one; or the checkpoint and map settings), so new maps do not pass for the old ones."""
+    return {**settings.describe(), "maps_made_by": made_by}
+
+
+def _map_source(args: argparse.Namespace, dataset: VOCDataset, device: torch.device) -> tuple[Any, dict[str, Any]]:
+    """``(localise, what made the maps)``: a function from image indices to ``(id, maps, labels)``, for
+    ``--checkpoint``."""
+    source = checkpoint.resolve(args.checkpoint)
+    model, spec = checkpoint.load(source, device)
+    vit = model.encoder if spec.is_segmenter else model
+    options.check_classes(spec, dataset.classes.names, source, args.data)
+    options.check_classifier(vit.num_classes, dataset.classes.num_fg, source, args.data)
+    mean, std = options.normalization(args, spec, source)
+    method = args.map_method or (args.method and get_method(args.method).own_map) or "getam"
+    made_by = {"checkpoint_sha256": checkpoint_digest(source), "method": method,
+               "scales": [float(s) for s in args.scales], "flip": bool(args.flip), "mean": list(mean), "std": list(std)}
+
+    def localise(indices: Sequence[int]):
+        return iter_split_maps(vit, dataset, method, args.scales, args.flip, mean, std, indices=indices,
+                               device=device, batch_size=args.batch_size,
+                               num_workers=options.loader_workers(args, device))
+
+    return localise, made_by
 
 
 def run(args: argparse.Namespace) -> int:
     """Write the pseudo labels of every image of the split whose PNG the manifest of ``--out`` does not list."""
-    if not args.maps.is_dir():
+    if args.maps is not None and not args.maps.is_dir():
         raise DataError(args.maps, "maps folder not found")
-    dataset = VOCDataset(args.data, args.split, require_labels=False)
+    if args.maps is not None and args.map_method is not None:
+        raise ConfigError("--map-method is used with --checkpoint; the maps of --maps were made already")
+    shard = sharding.join(args)
+    dataset = VOCDataset(args.data, args.split, require_labels=args.checkpoint is not None)
     settings = settings_from_args(args, dataset.classes.num_classes, dataset.classes.has_background)
     check_output_folder(args.out, dataset.root, dataset.mask_dir,
                         inputs=[(args.maps, "--maps folder"), (args.saliency, "--saliency folder"),
                                 (args.affinity, "--affinity folder")])
-    manifest = OutputManifest.open(args.out, "pseudo", manifest_settings(settings), dataset.root, args.split,
-                                   overwrite=args.overwrite, command="wsss pseudo", arguments=vars(args))
-    ids = options.limited(dataset.ids, args.limit)
-    manifest.warn_untrusted(f"{image_id}.png" for image_id in ids)
-    jobs = [(image_id, dataset.image_path(image_id), args.out / f"{image_id}.png")
-            for image_id in ids if not manifest.trusted(f"{image_id}.png")]
+    localise, made_by = (None, identity_of(args.maps)) if args.checkpoint is None else \
+        _map_source(args, dataset, shard.device)
+    indices = shard.take(options.limited(range(len(dataset)), args.limit))
+    with shard.open_manifest(args.out, "pseudo", manifest_settings(settings, made_by), dataset.root, args.split,
+                             overwrite=args.overwrite, command="wsss pseudo", arguments=vars(args)) as manifest:
+        # Flushed on the way out, an error included, so the finished PNGs stay listed.
+        manifest.warn_untrusted(f"{dataset.ids[i]}.png" for i in indices)
+        todo = [i for i in indices if not manifest.trusted(f"{dataset.ids[i]}.png")]
+        if localise is not None:
+            index_of = {dataset.ids[i]: i for i in todo}
+            for image_id, maps, labels in tqdm(localise(todo), total=len(todo), desc="pseudo labels", unit="img",
+                                               disable=not shard.is_main):
+                image = dataset.load_image(index_of[image_id])
+                write_mask(args.out / f"{image_id}.png", pseudo_label(settings, image_id, image, maps, labels))
+                manifest.record(f"{image_id}.png")
+        else:
+            _from_files(args, settings, dataset, todo, manifest, shard.is_main)
+    written, total = shard.finish(args.out, [len(todo), len(indices)])
+    if shard.is_main:
+        print(f"wrote {written} pseudo labels to {args.out} ({total - written} already there)")
+    return 0
+
+
+def _from_files(args: argparse.Namespace, settings: PseudoSettings, dataset: VOCDataset, todo: Sequence[int],
+                manifest: OutputManifest, show: bool) -> None:
+    """Label the images ``todo`` from their maps files, in this process or ``--workers`` processes."""
+    jobs = [(dataset.ids[i], dataset.image_path(dataset.ids[i]), args.out / f"{dataset.ids[i]}.png") for i in todo]
     missing = [image_id for image_id, _, _ in jobs if not settings.maps_path(image_id).is_file()]
     if missing:
         raise DataError(settings.maps_path(missing[0]), f"maps file not found ({len(missing)} of {len(jobs)} missing)")
@@ -208,13 +263,10 @@ def run(args: argparse.Namespace) -> int:
         log.warning("%d maps files in %s are not listed in its manifest, or changed since (%s, ...): they were not "
                     "written by the `%s` run it records", len(unlisted), settings.maps_dir, unlisted[0],
                     maps_manifest.get("command"))
-    skipped = len(ids) - len(jobs)
-    with manifest:  # flushed on the way out, an error included, so the finished PNGs stay listed
-        if args.workers > 0 and len(jobs) > 1:
-            _run_pool(settings, jobs, args.workers, manifest)
-        else:
-            for job in tqdm(jobs, desc="pseudo labels", unit="img"):
-                write_pseudo_label(settings, *job)
-                manifest.record(f"{job[0]}.png")
-    print(f"wrote {len(jobs)} pseudo labels to {args.out} ({skipped} already there)")
-    return 0
+    workers = args.workers or 0
+    if workers > 0 and len(jobs) > 1:
+        _run_pool(settings, jobs, workers, manifest)
+    else:
+        for job in tqdm(jobs, desc="pseudo labels", unit="img", disable=not show):
+            write_pseudo_label(settings, *job)
+            manifest.record(f"{job[0]}.png")

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
@@ -173,22 +175,46 @@ def write_mask(path: str | Path, mask: np.ndarray) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
-def save_maps(path: str | Path, maps: np.ndarray, classes: np.ndarray | list[int]) -> None:
+def save_maps(path: str | Path, maps: np.ndarray, classes: np.ndarray | list[int], stride: int = 1) -> None:
     """Save per-class localisation maps as ``.npz``: ``maps`` (K, H, W) float16 and ``classes`` (K,).
 
     ``classes`` are dataset label indices (for VOC, 1..20; 0 is the background and is never stored).
+    ``stride > 1`` stores the maps compactly, area-averaged to ``ceil(H / stride) x ceil(W / stride)`` with the
+    full ``size`` beside them; :func:`load_maps` upsamples them back (a stride of a quarter patch keeps 4x the token
+    grid, finer than any map has detail, at 1/16 of the pixels).
     """
     maps = np.asarray(maps, dtype=np.float32)
     classes = np.asarray(classes, dtype=np.int64).reshape(-1)
     if maps.ndim != 3 or maps.shape[0] != classes.shape[0]:
         raise ValueError(f"maps {maps.shape} and classes {classes.shape} disagree")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be an integer >= 1, got {stride!r}")
+    arrays = {"classes": classes}
+    if stride > 1:
+        size = maps.shape[1:]
+        small = (-(-size[0] // stride), -(-size[1] // stride))
+        reduced = F.interpolate(torch.from_numpy(maps)[None], size=small, mode="area")[0]
+        arrays.update(maps=reduced.numpy().astype(np.float16), size=np.asarray(size, dtype=np.int64))
+    else:
+        arrays["maps"] = maps.astype(np.float16)
     buf = io.BytesIO()
-    np.savez_compressed(buf, maps=maps.astype(np.float16), classes=classes)
+    np.savez_compressed(buf, **arrays)
     write_bytes_atomic(path, buf.getvalue())
 
 
-def read_npz(path: str | Path, keys: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
-    """The arrays ``keys`` of an ``.npz`` file (never unpickled); a missing file or key is a :class:`DataError`."""
+def upsample_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Compact maps ``(K, h, w)`` bilinearly upsampled to ``size`` (half-pixel centres, as they were averaged)."""
+    if maps.shape[0] == 0:
+        return np.zeros((0, *size), dtype=np.float32)
+    full = F.interpolate(torch.from_numpy(maps.astype(np.float32))[None], size=tuple(size), mode="bilinear",
+                         align_corners=False)[0]
+    return full.clamp_(0.0, 1.0).numpy()
+
+
+def read_npz(path: str | Path, keys: tuple[str, ...], what: str,
+             optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (and those of ``optional`` it holds) of an ``.npz`` file, never unpickled; a missing
+    file or key is a :class:`DataError`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, f"{what} file not found")
@@ -196,7 +222,7 @@ def read_npz(path: str | Path, keys: tuple[str, ...], what: str) -> dict[str, np
         with np.load(path, allow_pickle=False) as z:
             if any(k not in z for k in keys):
                 raise DataError(path, f"{what} file must hold {list(keys)}, found {sorted(z.files)}")
-            return {k: z[k] for k in keys}
+            return {k: z[k] for k in (*keys, *optional) if k in z}
     except (OSError, ValueError, EOFError) as exc:
         if isinstance(exc, DataError):
             raise
@@ -206,13 +232,20 @@ def read_npz(path: str | Path, keys: tuple[str, ...], what: str) -> dict[str, np
 def load_maps(path: str | Path, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load maps saved by :func:`save_maps` as ``(maps float32 (K,H,W), classes int64 (K,))``.
 
-    With ``num_classes`` given, a class index outside ``0..num_classes-1`` is an error (a maps file made
-    for another class set).
+    Compact maps (saved with a stride) come back upsampled to the image size they were saved for. With
+    ``num_classes`` given, a class index outside ``0..num_classes-1`` is an error (a maps file made for another
+    class set).
     """
-    arrays = read_npz(path, ("maps", "classes"), "maps")
+    arrays = read_npz(path, ("maps", "classes"), "maps", optional=("size",))
     maps, classes = arrays["maps"].astype(np.float32), arrays["classes"].astype(np.int64)
     if maps.ndim != 3 or maps.shape[0] != classes.shape[0]:
         raise DataError(path, f"maps {maps.shape} and classes {classes.shape} disagree")
     if num_classes is not None and classes.size and (classes.min() < 0 or classes.max() >= num_classes):
         raise DataError(path, f"maps file holds classes {classes.tolist()}, outside the dataset's {num_classes}")
+    if "size" in arrays:
+        size = arrays["size"]
+        if size.shape != (2,) or any(int(n) < m for n, m in zip(size, maps.shape[1:])):
+            raise DataError(path, f"compact maps {tuple(maps.shape[1:])} do not fit their image size "
+                            f"{size.tolist()}")
+        maps = upsample_maps(maps, (int(size[0]), int(size[1])))
     return maps, classes

@@ -16,6 +16,11 @@ sha256); different, :class:`OutputConflictError` names every differing key and `
 files and starts over. A file of the folder that the manifest does not list is never trusted: it is recomputed.
 The manifest is rewritten atomically every few files and at the end, so an interrupted run loses only the record of
 its last few files (which are then recomputed).
+
+A run sharded over ``torchrun`` ranks has one writer per file: rank r records its files in its own part,
+``OUT/wsss-manifest.part-<r>.json``, and rank 0 merges the parts into the manifest at the end
+(:func:`consolidate_parts`). Readers see the manifest and its parts as one, so a sharded run killed before the merge
+resumes like any other, sharded or not.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from .io import write_bytes_atomic
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "wsss-manifest.json"
+PART_PATTERN = "wsss-manifest.part-*.json"
 FORMAT = "wsss-manifest"
 VERSION = 1
 OUTPUT_KINDS = ("cam", "pseudo", "predict")
@@ -122,11 +128,22 @@ def manifest_path(folder: str | Path) -> Path:
     return Path(folder) / MANIFEST_NAME
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any] | None:
-    """The manifest of ``folder`` as a dict, None when there is none; a corrupt one is a :class:`DataError`."""
-    path = manifest_path(folder)
-    if not path.is_file():
-        return None
+def part_path(folder: str | Path, rank: int) -> Path:
+    """``folder/wsss-manifest.part-<rank>.json``: the record of one rank's files in a sharded run."""
+    return Path(folder) / f"wsss-manifest.part-{int(rank)}.json"
+
+
+def part_paths(folder: str | Path) -> list[Path]:
+    """The part manifests of ``folder`` left by a sharded run, in rank order."""
+    def rank(path: Path) -> int:
+        tail = path.name[len("wsss-manifest.part-"): -len(".json")]
+        return int(tail) if tail.isdigit() else -1
+
+    return sorted((p for p in Path(folder).glob(PART_PATTERN) if rank(p) >= 0), key=rank)
+
+
+def _parse(path: Path) -> dict[str, Any]:
+    """One manifest file, checked; a corrupt one is a :class:`DataError`."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -140,6 +157,36 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
         raise DataError(path, "manifest \"files\" must map file names to records")
     return record
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """The manifest of ``folder`` (with the files of its parts) as a dict, None when there is none; a corrupt one,
+    or a part made with other settings than the manifest, is a :class:`DataError`."""
+    path = manifest_path(folder)
+    records = ([(path, _parse(path))] if path.is_file() else []) + [(p, _parse(p)) for p in part_paths(folder)]
+    if not records:
+        return None
+    (base_path, record), parts = records[0], records[1:]
+    for part, extra in parts:
+        differences = _differences(_identity(record), _identity(extra))
+        if differences:
+            raise DataError(part, f"made with other settings than {base_path.name} (" + "; ".join(differences)
+                            + "): pass --overwrite to start over")
+        record["files"].update(extra["files"])
+    return record
+
+
+def consolidate_parts(folder: str | Path) -> None:
+    """Merge the part manifests of a sharded run into ``folder``'s manifest (atomically), then delete them."""
+    parts = part_paths(folder)
+    if not parts:
+        return
+    record = read_manifest(folder)
+    record["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record["files"] = dict(sorted(record["files"].items()))
+    write_bytes_atomic(manifest_path(folder), (json.dumps(record, indent=1) + "\n").encode())
+    for part in parts:
+        part.unlink(missing_ok=True)
 
 
 def _safe_name(folder: Path, name: str) -> Path | None:
@@ -274,14 +321,20 @@ class OutputManifest:
 
     Made by :meth:`open`; :meth:`trusted` says whether a file can be skipped, :meth:`record` adds a file just
     written (the manifest is rewritten every ``flush_every`` files or ``flush_seconds``), :meth:`flush` writes it
-    now. Used as a context manager it flushes on exit, also on an error, so finished files stay listed.
+    now. Used as a context manager it flushes on exit, also on an error, so finished files stay listed. With
+    ``part`` (a rank of a sharded run) it writes that rank's part manifest instead.
     """
 
     def __init__(self, out: str | Path, kind: str, settings: Mapping[str, Any], data_root: str | Path, split: str,
                  command: str = "", arguments: Mapping[str, Any] | None = None, files: Mapping[str, Any] | None = None,
-                 created: str | None = None, flush_every: int = 100, flush_seconds: float = 10.0) -> None:
+                 created: str | None = None, flush_every: int = 100, flush_seconds: float = 10.0,
+                 part: int | None = None) -> None:
         self.out = Path(out)
-        self.path = manifest_path(self.out)
+        # A rank of a sharded run writes only its own part, listing only the files it wrote.
+        self.part = part
+        self.path = manifest_path(self.out) if part is None else part_path(self.out, part)
+        self._own: set[str] = set()
+        self._absorbed: list[Path] = []
         self.kind = kind
         self.settings = json_value(dict(settings))
         self.data = {"root": json_value(Path(data_root)), "split": split}
@@ -298,24 +351,26 @@ class OutputManifest:
     @classmethod
     def open(cls, out: str | Path, kind: str, settings: Mapping[str, Any], data_root: str | Path, split: str,
              overwrite: bool = False, command: str = "", arguments: Mapping[str, Any] | None = None,
-             **kwargs: Any) -> "OutputManifest":
+             part: int | None = None, **kwargs: Any) -> "OutputManifest":
         """The manifest of ``out`` for a run of ``kind`` with ``settings`` on ``data_root``/``split``.
 
         An existing manifest with the same kind, data, split and settings is continued (resume). One that differs
         raises :class:`OutputConflictError` naming each differing key, unless it lists no file (nothing to lose)
         or ``overwrite`` is set: then the files it lists, and nothing else, are deleted first. A folder of kind
-        ``ground_truth`` is refused even with ``overwrite``.
+        ``ground_truth`` is refused even with ``overwrite``. ``part``: this rank's part of a sharded run (only one
+        rank may pass ``overwrite``, before the others open).
         """
         if kind not in OUTPUT_KINDS:
             raise ValueError(f"kind must be one of {OUTPUT_KINDS}, got {kind!r}")
         out = Path(out)
-        manifest = cls(out, kind, settings, data_root, split, command, arguments, **kwargs)
+        manifest = cls(out, kind, settings, data_root, split, command, arguments, part=part, **kwargs)
         try:
             old = read_manifest(out)
         except DataError:
             if not overwrite:
                 raise
-            log.warning("%s is unreadable; --overwrite: starting a new one", manifest.path)
+            log.warning("%s (or a part of it) is unreadable; --overwrite: starting a new one", manifest_path(out))
+            manifest._delete_listed()
             old = None
         if old is not None and old.get("kind") == GROUND_TRUTH_KIND:
             raise ConfigError(f"--out {out} holds ground truth ({manifest.path} says kind {GROUND_TRUTH_KIND!r}); "
@@ -323,10 +378,12 @@ class OutputManifest:
         if old is not None:
             differences = _differences(_identity(old), manifest.identity())
             if overwrite:
-                manifest._delete_listed(old)
+                manifest._delete_listed()
             elif not differences:
                 manifest.files = dict(old["files"])
                 manifest.created = old.get("created") or manifest.created
+                # The first write of the manifest holds the parts' files: the parts can go then.
+                manifest._absorbed = part_paths(out) if part is None else []
             elif old["files"]:
                 made_by = old.get("command") or f"wsss {old.get('kind')}"
                 raise OutputConflictError(
@@ -339,21 +396,27 @@ class OutputManifest:
         # fails on its inputs before writing anything leaves the folder as it was.
         return manifest
 
-    def _delete_listed(self, old: Mapping[str, Any]) -> None:
-        """--overwrite: delete the files the old manifest lists (only those), then the manifest."""
+    def _delete_listed(self) -> None:
+        """--overwrite: delete the files the old manifest and its parts list (only those), then them. Each is read
+        on its own, so parts made with other settings are cleared too; an unreadable one lists nothing."""
         deleted = 0
-        for name in old["files"]:
-            path = _safe_name(self.out, name)
-            if path is None:
-                log.warning("%s lists %r, which is outside the folder: not deleted", self.path, name)
-                continue
+        for record_path in (manifest_path(self.out), *part_paths(self.out)):
             try:
-                path.unlink()
-                deleted += 1
-            except FileNotFoundError:
-                pass
-        self.path.unlink(missing_ok=True)
-        log.info("--overwrite: deleted %d files listed in %s", deleted, self.path)
+                listed = _parse(record_path)["files"] if record_path.is_file() else {}
+            except DataError:
+                listed = {}
+            for name in listed:
+                path = _safe_name(self.out, name)
+                if path is None:
+                    log.warning("%s lists %r, which is outside the folder: not deleted", record_path, name)
+                    continue
+                try:
+                    path.unlink()
+                    deleted += 1
+                except FileNotFoundError:
+                    pass
+            record_path.unlink(missing_ok=True)
+        log.info("--overwrite: deleted %d files listed in %s", deleted, manifest_path(self.out))
 
     # ---- the run
 
@@ -382,21 +445,26 @@ class OutputManifest:
     def record(self, name: str) -> None:
         """Add ``OUT/name``, just written, to the manifest (written out every few files)."""
         self.files[name] = _file_record(self.out / name)
+        self._own.add(name)
         self._pending += 1
         if self._pending >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest as JSON data."""
+        """The manifest as JSON data (a part lists only the files this rank wrote)."""
+        files = self.files if self.part is None else {k: v for k, v in self.files.items() if k in self._own}
         return {"format": FORMAT, "version": VERSION, "kind": self.kind, "command": self.command,
                 "arguments": self.arguments, "wsss_version": __version__, "data": self.data,
-                "settings": self.settings, "files": dict(sorted(self.files.items())), "created": self.created,
+                "settings": self.settings, "files": dict(sorted(files.items())), "created": self.created,
                 "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
     def flush(self) -> None:
         """Write the manifest now (atomically)."""
         write_bytes_atomic(self.path, (json.dumps(self.to_dict(), indent=1) + "\n").encode())
         self._pending, self._last_flush = 0, time.monotonic()
+        for path in self._absorbed:
+            path.unlink(missing_ok=True)
+        self._absorbed = []
 
     def __enter__(self) -> "OutputManifest":
         return self

@@ -35,7 +35,7 @@ class PseudoSettings:
     (ignore) where the rule says background.
     """
 
-    maps_dir: Path
+    maps_dir: Path | None  # None: the maps come from a model, not from files
     num_classes: int
     has_background: bool
     rule: str
@@ -74,6 +74,8 @@ class PseudoSettings:
         return 0 if self.has_background else IGNORE_INDEX
 
     def maps_path(self, image_id: str) -> Path:
+        if self.maps_dir is None:
+            raise ConfigError("these pseudo-label settings read no maps files")
         return self.maps_dir / f"{image_id}.npz"
 
     def describe(self) -> dict[str, Any]:
@@ -113,9 +115,21 @@ def _read_maps(settings: PseudoSettings, image_id: str, image_size: tuple[int, i
 
 
 def pseudo_label_for(settings: PseudoSettings, image_id: str, image_path: Path) -> np.ndarray:
-    """The ``(H, W)`` uint8 pseudo label of one image (dataset labels, 255 = ignore)."""
+    """The ``(H, W)`` uint8 pseudo label of one image (dataset labels, 255 = ignore), from its maps file."""
+    if settings.maps_dir is None:
+        raise ConfigError("these pseudo-label settings have no maps folder: pass the maps to pseudo_label")
     image = read_image(image_path)
     maps, classes = _read_maps(settings, image_id, image.shape[:2])
+    return pseudo_label(settings, image_id, image, maps, classes)
+
+
+def pseudo_label(settings: PseudoSettings, image_id: str, image: np.ndarray, maps: np.ndarray,
+                 classes: np.ndarray) -> np.ndarray:
+    """The ``(H, W)`` uint8 pseudo label of one image from its maps ``(K, H, W)`` in [0, 1] and their dataset
+    labels ``(K,)`` (read from a file, or computed from a checkpoint on the fly)."""
+    if maps.shape[1:] != image.shape[:2]:
+        raise DataError(None, f"maps of image {image_id!r} are {maps.shape[1]}x{maps.shape[2]} but the image is "
+                        f"{image.shape[0]}x{image.shape[1]}")
     affinity, grid = None, None
     if settings.refine == "affinity" and settings.affinity_dir is not None:
         affinity, grid = _read_affinity(settings.affinity_dir / f"{image_id}.npz")

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..data.io import write_mask
 from ..data.manifest import OutputManifest
-from ..data.transforms import eval_transforms
+from ..data.batches import split_batches
 from ..data.voc import VOCDataset
 from ..models.multiview import sum_over_views
 from ..models.segmenter import SegmentationModel
@@ -53,30 +53,33 @@ def probs_to_labels(probs: Tensor, image: np.ndarray | None = None, crf: str | C
 def predict_split(model: SegmentationModel, dataset: VOCDataset, out_dir: str | Path,
                   scales: Sequence[float] = (1.0,), flip: bool = False, crf: str | CRFParams | None = None,
                   mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
-                  device: torch.device | str = "cpu", limit: int | None = None,
-                  manifest: OutputManifest | None = None) -> tuple[int, int]:
-    """Write ``out_dir/<id>.png`` (atomic, VOC palette) for every image of ``dataset`` (the first ``limit`` ones if
+                  device: torch.device | str = "cpu", indices: Sequence[int] | None = None,
+                  manifest: OutputManifest | None = None, batch_size: int = 1, num_workers: int = 0,
+                  progress: bool = True) -> tuple[int, int]:
+    """Write ``out_dir/<id>.png`` (atomic, VOC palette) for every image of ``dataset`` (those of ``indices`` if
     given) that has none yet.
 
     With ``manifest`` (the :class:`~wsss.data.manifest.OutputManifest` of ``out_dir``) "has one" means "the manifest
     lists it unchanged": any other PNG is recomputed and replaced, and every PNG written is recorded. Without it any
-    existing PNG counts as done. Returns ``(written, skipped)``. Images are processed one at a time at their own size.
+    existing PNG counts as done. Returns ``(written, skipped)``. ``batch_size`` images of one size go through the
+    model together (:func:`~wsss.data.batches.split_batches`), decoded by ``num_workers`` loader processes.
     """
     out_dir = Path(out_dir)
-    transform = eval_transforms(None, mean, std)
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    names = {i: f"{dataset.ids[i]}.png" for i in range(count)}
+    indices = list(range(len(dataset)) if indices is None else indices)
+    names = {i: f"{dataset.ids[i]}.png" for i in indices}
     if manifest is None:
-        todo = [i for i in range(count) if not (out_dir / names[i]).is_file()]
+        todo = [i for i in indices if not (out_dir / names[i]).is_file()]
     else:
         manifest.warn_untrusted(names.values())
-        todo = [i for i in range(count) if not manifest.trusted(names[i])]
+        todo = [i for i in indices if not manifest.trusted(names[i])]
     model = model.to(device).eval()
-    for i in tqdm(todo, desc="predict", unit="img"):
-        image = dataset.load_image(i)
-        tensor, _ = transform(image)
-        probs = predict_probs(model, tensor[None].to(device), scales, flip)[0]
-        write_mask(out_dir / names[i], probs_to_labels(probs, image, crf))
-        if manifest is not None:
-            manifest.record(names[i])
-    return len(todo), count - len(todo)
+    with tqdm(total=len(todo), desc="predict", unit="img", disable=not progress) as bar:
+        for images, batch in split_batches(dataset, todo, mean, std, batch_size, num_workers, device,
+                                           pixels=crf is not None):
+            probs = predict_probs(model, images, scales, flip)
+            for row, item in enumerate(batch):
+                write_mask(out_dir / names[item.index], probs_to_labels(probs[row], item.pixels, crf))
+                if manifest is not None:
+                    manifest.record(names[item.index])
+                bar.update()
+    return len(todo), len(indices) - len(todo)
