@@ -111,3 +111,33 @@ def test_mctformer_is_a_method_with_presets_and_trains_on_both_logits():
     loss, logs = objective(model, batch, 0)
     assert set(logs) == {"cls", "cls_patch"}
     assert loss.item() == pytest.approx(logs["cls"] + logs["cls_patch"], rel=1e-5)
+
+
+def _official_mctformer_v2_keys(num_classes: int, depth: int, dim: int, grid: int) -> dict[str, tuple[int, ...]]:
+    """The state dict of the authors' ``deit_small_MCTformerV2_patch16_224`` (timm 0.3.2's VisionTransformer with the
+    class tokens, position embedding and 3x3 conv head replaced), written out from their model definition."""
+    keys = {"cls_token": (1, num_classes, dim), "pos_embed": (1, grid * grid + num_classes, dim),
+            "patch_embed.proj.weight": (dim, 3, 16, 16), "patch_embed.proj.bias": (dim,),
+            "norm.weight": (dim,), "norm.bias": (dim,),
+            "head.weight": (num_classes, dim, 3, 3), "head.bias": (num_classes,)}
+    for i in range(depth):
+        for name, shape in (("norm1", (dim,)), ("norm2", (dim,))):
+            keys[f"blocks.{i}.{name}.weight"] = keys[f"blocks.{i}.{name}.bias"] = shape
+        for name, (out, inp) in (("attn.qkv", (3 * dim, dim)), ("attn.proj", (dim, dim)),
+                                 ("mlp.fc1", (4 * dim, dim)), ("mlp.fc2", (dim, 4 * dim))):
+            keys[f"blocks.{i}.{name}.weight"], keys[f"blocks.{i}.{name}.bias"] = (out, inp), (out,)
+    return keys
+
+
+def test_an_official_mctformer_v2_checkpoint_loads_strictly(tmp_path):
+    model = create_model("vit_small_patch16_224", num_classes=20, head="mct")
+    official = _official_mctformer_v2_keys(20, 12, 384, 14)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == official
+    # The authors save {"model": state_dict, "optimizer": ..., "epoch": ...} with torch.save.
+    torch.manual_seed(3)
+    state = {k: torch.randn(shape) * 0.02 for k, shape in official.items()}
+    torch.save({"model": state, "epoch": 59}, tmp_path / "checkpoint_best.pth")
+    loaded = create_model("vit_small_patch16_224", num_classes=20, head="mct",
+                          weights=tmp_path / "checkpoint_best.pth")
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, state[key]), key

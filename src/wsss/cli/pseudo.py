@@ -6,8 +6,10 @@ given by its flag or taken with its refinement from a method's pseudo-label reci
 flags override single settings. ``OUT/wsss-manifest.json`` records what made the folder (every setting, the maps
 folder and what made it, the dataset) and the PNGs written: a rerun with the same settings skips the PNGs it lists,
 so an interrupted run resumes where it stopped; other settings are an error unless ``--overwrite``; a PNG it does not
-list (a file left in ``--out`` by anything else) is recomputed. ``--workers N`` runs N processes (worth it for the
-CPU-bound dense CRF).
+list (a file left in ``--out`` by anything else) is recomputed. With ``--maps``, ``--workers N`` runs N processes
+(worth it for the CPU-bound dense CRF). ``--checkpoint RUN`` instead computes the maps on the fly (batched, with
+``--workers`` loader processes) and writes no map files. Under ``torchrun`` the ranks share the images out
+(:mod:`wsss.cli.sharding`).
 """
 
 from __future__ import annotations

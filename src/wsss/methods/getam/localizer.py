@@ -3,7 +3,8 @@
 Per block l >= ``start_layer``: M_l = mean_h ReLU(G_l * A_l) * mean_h ReLU(G_l), with A_l the post-softmax
 attention and G_l = d score / d A_l. The map is ReLU of the class-token row of sum_l M_l over the patch columns.
 ``grad_power=1`` drops the extra mean_h ReLU(G_l) factor (methods.md §6.3: the paper may not have it).
-All classes of the batch come from one batched backward pass that stops at ``start_layer``.
+The classes come from one backward pass each on one forward graph, stopped at ``start_layer``
+(:func:`~wsss.localize.attention_gradients.gradient_rows`).
 """
 
 from __future__ import annotations
