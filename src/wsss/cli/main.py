@@ -35,6 +35,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("train", "train", "train a model with one of the methods' objectives"),
     ("entropy", "entropy", "per-block attention entropies (AReAM's entropy layer weights)"),
     ("cam", "cam", "write localisation maps (.npz) for a split, and label PNGs"),
+    ("maps", "maps", "localisation maps, heat-map pictures and labels for any images (files or folders)"),
     ("pseudo", "pseudo", "turn saved maps (<id>.npz) into pseudo-label PNGs"),
     ("predict", "predict", "segment a split with a trained segmentation model and write label PNGs"),
     ("eval", "eval", "score predictions (label PNGs or .npz maps) against a split's ground truth"),
