@@ -45,7 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="a run folder, checkpoint folder or model.safetensors (a classifier, or a segmentation "
                    "model whose encoder is localised)")
     p.add_argument("--data", required=True, help="VOC-layout dataset root")
-    p.add_argument("--split", required=True, help="split name: ROOT/ImageSets/Segmentation/<split>.txt")
+    p.add_argument("--split", default=None,
+                   help="split name: ROOT/ImageSets/Segmentation/<split>.txt (default: none; a folder of your own "
+                   "images takes every labelled image)")
     p.add_argument("--method", default="getam", choices=sorted(REGISTRY.maps()),
                    help="the map formula (`wsss methods` describes them)")
     p.add_argument("--out", required=True, help="output folder: <id>.npz maps (and labels/<id>.png)")
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     source = checkpoint.resolve(args.checkpoint)
     model, spec = checkpoint.load(source, shard.device)
     vit = model.encoder if spec.is_segmenter else model
-    dataset = VOCDataset(args.data, args.split)
+    dataset = VOCDataset(args.data, args.split, class_names=spec.classes)
     options.check_classes(spec, dataset.classes.names, source, args.data)
     options.check_classifier(vit.num_classes, dataset.classes.num_fg, source, args.data)
     mean, std = options.normalization(args, spec, source)

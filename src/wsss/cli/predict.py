@@ -34,7 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="a run folder, a checkpoint folder or a model.safetensors of a segmentation run")
     p.add_argument("--data", required=True, type=Path, help="dataset root (VOC layout)")
-    p.add_argument("--split", required=True, help="split name: ROOT/ImageSets/Segmentation/<split>.txt")
+    p.add_argument("--split", default=None,
+                   help="split name: ROOT/ImageSets/Segmentation/<split>.txt (default: none; a folder of your own "
+                   "images takes every labelled image)")
     p.add_argument("--out", required=True, type=Path, help="folder for the <id>.png labels")
     p.add_argument("--crf", choices=sorted(CRF_PRESETS), default=None,
                    help="refine the probabilities with a dense CRF preset (getam: GETAM's test setting; "
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if not spec.is_segmenter:
         raise CheckpointError(f"{source} is a classifier; `wsss predict` needs a segmentation model "
                               "(localise a classifier with `wsss cam`)")
-    dataset = VOCDataset(args.data, args.split, require_labels=False)
+    dataset = VOCDataset(args.data, args.split, require_labels=False, class_names=spec.classes)
     options.check_classes(spec, dataset.classes.names, source, args.data)
     mean, std = options.normalization(args, spec, source)
     check_output_folder(args.out, dataset.root, dataset.mask_dir)

@@ -59,7 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--map-method", choices=sorted(REGISTRY.maps()), default=None,
                         help="with --checkpoint: the map formula (default: --method's own map, else getam)")
     parser.add_argument("--data", required=True, type=Path, help="dataset root (VOC layout)")
-    parser.add_argument("--split", required=True, help="split name: ROOT/ImageSets/Segmentation/<split>.txt")
+    parser.add_argument("--split", default=None,
+                        help="split name: ROOT/ImageSets/Segmentation/<split>.txt (default: none; a folder of your "
+                        "own images takes every labelled image)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the <id>.png labels")
     rule = parser.add_argument_group("rule (exactly one)").add_mutually_exclusive_group(required=True)
     rule.add_argument("--method", choices=sorted(m.name for m in REGISTRY if m.pseudo is not None),
@@ -225,7 +227,9 @@ def run(args: argparse.Namespace) -> int:
     if args.maps is not None and args.map_method is not None:
         raise ConfigError("--map-method is used with --checkpoint; the maps of --maps were made already")
     shard = sharding.join(args)
-    dataset = VOCDataset(args.data, args.split, require_labels=args.checkpoint is not None)
+    # A folder of your own images takes its class list from the model it was trained for.
+    names = None if args.checkpoint is None else checkpoint.read_spec(checkpoint.resolve(args.checkpoint)).classes
+    dataset = VOCDataset(args.data, args.split, require_labels=args.checkpoint is not None, class_names=names)
     settings = settings_from_args(args, dataset.classes.num_classes, dataset.classes.has_background)
     check_output_folder(args.out, dataset.root, dataset.mask_dir,
                         inputs=[(args.maps, "--maps folder"), (args.saliency, "--saliency folder"),

@@ -24,7 +24,8 @@ from PIL import Image
 from ..errors import DataError
 from .classes import ClassSet
 from .io import IGNORE_INDEX, read_image, read_mask
-from .layout import LABEL_FILE_NAMES, ImageFolder, find_labels_file, read_labels_file, read_split
+from .layout import (ALL_IMAGES, BACKGROUND, LABEL_FILE_NAMES, ImageFolder, find_labels_file,
+                     is_image_folder_dataset, label_names, read_labels_file, read_split)
 from .prepare_voc import parallel_map
 
 
@@ -146,16 +147,67 @@ def _check_labels_file(
     return table, {image_id for image_id, _ in found}
 
 
-def check_dataset(root: str | Path, split: str, num_workers: int = 0, labels_file: str | Path | None = None,
-                  max_pixels: int | None = None) -> Report:
+def _check_image_folder(root: Path, split: str | None, num_workers: int, labels_file: str | Path | None,
+                        limit: int, background: bool) -> Report:
+    """A folder of your own images: the labels file (every row), the class list and every labelled image."""
+    report = Report(root=root, split=ALL_IMAGES)
+    report.has_masks = False
+    if split not in (None, ALL_IMAGES):
+        report.problems.append((str(root), f"a folder of images without split lists has one split, every labelled "
+                                           f"image ({ALL_IMAGES!r}); there is no split {split!r}"))
+        return report
+    try:
+        path = Path(labels_file) if labels_file is not None else find_labels_file(root)
+        if (root / "classes.txt").is_file():
+            classes = ClassSet.from_file(root / "classes.txt")
+        else:
+            classes = ClassSet(((BACKGROUND,) if background else ()) + tuple(label_names(path)))
+    except DataError as exc:
+        report.problems.append(_problem(exc))
+        return report
+    report.class_names = classes.names
+    report.images_per_class = np.zeros(classes.num_classes, dtype=np.int64)
+    report.pixels_per_class = np.zeros(classes.num_classes, dtype=np.int64)
+    images = ImageFolder(root)
+    table, bad_keys = _check_labels_file(path, classes, images, report)
+    report.num_images = len(table)
+    jobs, sizes = [], Counter()
+    for image_id, labels in table.items():
+        if not labels:
+            report.problems.append((str(path), f"image {image_id!r}: empty label set"))
+        report.images_per_class[list(labels)] += 1
+        sizes[len(labels)] += 1
+        try:
+            jobs.append(_Job(image=images.find(image_id), mask=None, num_classes=None, fg_labels=None,
+                             max_pixels=limit))
+        except DataError:
+            pass  # reported with the labels file
+    for result in parallel_map(_check_one, jobs, num_workers, "check images"):
+        report.problems += result.problems
+    report.label_set_sizes = dict(sorted(sizes.items()))
+    report.problems.sort()
+    return report
+
+
+def check_dataset(root: str | Path, split: str | None, num_workers: int = 0, labels_file: str | Path | None = None,
+                  max_pixels: int | None = None, background: bool = True) -> Report:
     """Check the split ``split`` of the VOC-layout dataset at ``root``; return a :class:`Report`.
 
     ``labels_file`` names the image-level labels file training uses (default: ``ROOT/labels.json`` or
     ``ROOT/labels.csv``). ``num_workers`` > 0 reads the images in that many processes. An image or mask of more
     than ``max_pixels`` pixels (default ``PIL.Image.MAX_IMAGE_PIXELS``) is a problem: a possible decompression
-    bomb, which training's reader refuses too.
+    bomb, which training's reader refuses too. A folder of your own images with a labels file (no ``ImageSets``)
+    is checked as the dataset reader opens it: every labelled image, the classes from ``classes.txt`` or the labels
+    file (after a ``background`` class unless ``background`` is False).
     """
     root = Path(root)
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    if root.is_dir() and is_image_folder_dataset(root):
+        return _check_image_folder(root, split, num_workers, labels_file, limit, background)
+    if split is None:
+        report = Report(root=root, split="")
+        report.problems.append((str(root / "ImageSets" / "Segmentation"), "name the split to check (--split)"))
+        return report
     report = Report(root=root, split=split)
     if not root.is_dir():
         report.problems.append((str(root), "dataset folder not found"))
@@ -211,8 +263,7 @@ def check_dataset(root: str | Path, split: str, num_workers: int = 0, labels_fil
                     report.problems.append((str(path), f"image {image_id!r}: empty label set"))
 
     jobs = []
-    # Resolved here: worker processes that do not fork would not see a limit set on PIL in this one.
-    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    # The pixel limit is resolved above: worker processes that do not fork would not see one set on PIL here.
     fg = tuple(int(k) for k in classes.fg_labels) if classes else None
     for image_id in ids:
         try:

@@ -8,7 +8,8 @@ them accepts means the same thing to all of them.
 * Image of an id (``ROOT/JPEGImages/<id>.<ext>``, any of :data:`IMAGE_EXTENSIONS` in any letter case):
   :class:`ImageFolder` (many look-ups, one folder listing) or :func:`find_image` (one look-up).
 * Image-level labels (``labels.json`` or ``labels.csv``): :func:`find_labels_file` and
-  :func:`read_labels_file`.
+  :func:`read_labels_file`; the class names a labels file uses: :func:`label_names`.
+* A folder of your own images (no ``ImageSets``, a labels file at its root): :func:`is_image_folder_dataset`.
 
 Every reader raises :class:`~wsss.errors.DataError` naming the file and, for a problem in one line or row,
 that line or row.
@@ -305,6 +306,46 @@ class _LabelParser:
             elif parsed in self.foreground:
                 labels.add(parsed)
         return tuple(sorted(labels)), problems
+
+
+ALL_IMAGES = "all"  # the split of a folder dataset: every labelled image
+BACKGROUND = "background"
+
+
+def is_image_folder_dataset(root: str | Path) -> bool:
+    """Is ``root`` a folder of images with a labels file, rather than a VOC layout? (no ``ImageSets`` folder, and a
+    ``labels.json`` or ``labels.csv`` at its root)."""
+    root = Path(root)
+    return not (root / "ImageSets").is_dir() and any((root / name).is_file() for name in LABEL_FILE_NAMES)
+
+
+def label_names(path: str | Path) -> list[str]:
+    """The class names a labels file uses, sorted (``background`` left out): the classes of a folder dataset
+    without ``classes.txt``. CSV cells split on ``;``, ``|``, ``,`` and spaces (a name with a space needs a
+    ``classes.txt``); label indices are an error here, since only a ``classes.txt`` says what they mean."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".csv"):
+        raise DataError(path, "labels file must be .csv or .json")
+    found: list[tuple[str | None, str]] = []
+    reasons: list[str] = []
+    text = _read_text(path, "labels file", reasons)
+    found += [(None, reason) for reason in reasons]
+    rows = [] if text is None else _json_rows(text, found) if suffix == ".json" else _csv_rows(text, found)
+    names: dict[str, str] = {}  # lower case -> the first spelling seen (class names match in any letter case)
+    for where, _, values, cells in rows:
+        tokens = [t for cell in values for t in re.split(r"[;|,\s]+", cell) if t] if cells else values
+        for token in tokens:
+            if isinstance(token, bool) or not isinstance(token, (str, int)) or str(token).strip().isdigit():
+                shown = token.value if isinstance(token, _NotALabelList) else token
+                found.append((None, f"{where}: label {shown!r} is not a class name (label indices need a "
+                              "classes.txt saying what they mean)"))
+            elif token.strip().lower() != BACKGROUND:
+                names.setdefault(token.strip().lower(), token.strip())
+    _raise_if_any(path, [message for _, message in found])
+    if not names:
+        raise DataError(path, "the labels file names no class")
+    return [names[key] for key in sorted(names)]
 
 
 def read_labels_file(

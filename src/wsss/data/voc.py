@@ -12,12 +12,18 @@ Image-level labels come from the masks (the classes present) when the dataset ha
 recomputed after the transform, so a crop is labelled with the classes inside the crop. Without masks they
 come from a labels file (an explicit ``labels_file`` is used even when masks exist; the masks then only
 serve as ground truth).
+
+Your own images need no VOC layout: a folder of images (any sub-folders, any extension of
+``layout.IMAGE_EXTENSIONS``) with ``labels.csv`` or ``labels.json`` at its root (keys: paths below the root, with or
+without extension) is a dataset whose one split is every labelled image (split ``None`` or ``"all"``). Its classes
+are ``ROOT/classes.txt`` if there is one, else the class list the model was trained on (``class_names``), else the
+names in the labels file, sorted, after a ``background`` class unless ``background=False``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +32,8 @@ from PIL import UnidentifiedImageError
 from ..errors import ConfigError, DataError
 from .classes import ClassSet
 from .io import IGNORE_INDEX, open_image, read_image, read_mask
-from .layout import LABEL_FILE_NAMES, ImageFolder, find_labels_file, read_labels_file, read_split
+from .layout import (ALL_IMAGES, BACKGROUND, LABEL_FILE_NAMES, ImageFolder, find_labels_file,
+                     is_image_folder_dataset, label_names, read_labels_file, read_split)
 from .transforms import mask_to_tensor, to_tensor
 
 SALIENCY_BIT = 256  # saliency travels through the transforms packed above the mask's 0..255 labels
@@ -86,6 +93,8 @@ class VOCDataset(torch.utils.data.Dataset):
         seed: int | None = None,
         mask_dir: str | Path | None = None,
         saliency_dir: str | Path | None = None,
+        class_names: Sequence[str] | None = None,
+        background: bool = True,
     ):
         self.root = Path(root)
         self.mask_dir = self.root / "SegmentationClass" if mask_dir is None else Path(mask_dir)
@@ -99,9 +108,16 @@ class VOCDataset(torch.utils.data.Dataset):
         self.epoch = 0
         if not self.root.is_dir():
             raise DataError(self.root, "dataset folder not found")
-        self.classes = ClassSet.from_file(self.root / "classes.txt")
-        self.ids: list[str] = read_split(self.root / "ImageSets" / "Segmentation" / f"{split}.txt")
-        self._images = ImageFolder(self.root / "JPEGImages")
+        self.is_image_folder = is_image_folder_dataset(self.root)
+        if self.is_image_folder:
+            self._open_image_folder(labels_file, class_names, background)
+        else:
+            if split is None or split == ALL_IMAGES and not self._split_path(split).is_file():
+                raise ConfigError(f"{self.root} is a VOC-layout dataset: name a split of "
+                                  f"{self.root / 'ImageSets' / 'Segmentation'} (--split)")
+            self.classes = ClassSet.from_file(self.root / "classes.txt")
+            self.ids = read_split(self._split_path(split))
+            self._images = ImageFolder(self.root / "JPEGImages")
         self._image_paths = [self._images.find(image_id) for image_id in self.ids]
         self._path_of = dict(zip(self.ids, self._image_paths))
         self.has_masks = self._check_masks(require_masks)
@@ -110,6 +126,28 @@ class VOCDataset(torch.utils.data.Dataset):
         self._mask_labels: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------------------------------- setup
+
+    def _split_path(self, split: str) -> Path:
+        return self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+
+    def _open_image_folder(self, labels_file: str | Path | None, class_names: Sequence[str] | None,
+                           background: bool) -> None:
+        """A folder of your own images: ids are the labelled images (paths below the root, no extension), and
+        the classes come from ``classes.txt``, else ``class_names`` (a checkpoint's), else the labels file."""
+        if self.split not in (None, ALL_IMAGES):
+            raise ConfigError(f"{self.root} is a folder of images without split lists: every labelled image is "
+                              f"used; leave the split out (or name it {ALL_IMAGES!r}), not {self.split!r}")
+        path = Path(labels_file) if labels_file is not None else find_labels_file(self.root)
+        if (self.root / "classes.txt").is_file():
+            self.classes = ClassSet.from_file(self.root / "classes.txt")
+        elif class_names is not None:
+            self.classes = ClassSet(tuple(class_names))
+        else:
+            self.classes = ClassSet(((BACKGROUND,) if background else ()) + tuple(label_names(path)))
+        self.ids = list(read_labels_file(path, self.classes))
+        if not self.ids:
+            raise DataError(path, "the labels file lists no image")
+        self._images = ImageFolder(self.root)
 
     def _check_masks(self, require_masks: bool) -> bool:
         present = [self.mask_path(image_id).is_file() for image_id in self.ids]
@@ -123,7 +161,7 @@ class VOCDataset(torch.utils.data.Dataset):
 
     def _load_file_labels(self, labels_file: str | Path | None, require_labels: bool) -> dict[str, np.ndarray] | None:
         """Labels from an explicit file, else (only without masks) from ROOT/labels.json or labels.csv."""
-        if labels_file is None and self.has_masks:
+        if labels_file is None and self.has_masks and not self.is_image_folder:
             return None
         path = Path(labels_file) if labels_file is not None else find_labels_file(self.root)
         if path is None:

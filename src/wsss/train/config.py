@@ -234,6 +234,8 @@ class DataSection(_Section):
     saliency_dir: PathText | None = None  # saliency maps <dir>/<id>.png for the objectives that use them (GETAM)
     # Image-level labels of a split without masks (default ROOT/labels.json or .csv).
     labels_file: PathText | None = None
+    # A folder of your own images without classes.txt: a background class before the labels file's names.
+    background: bool = True
     transforms: TransformsSection = Field(default_factory=TransformsSection)
 
 

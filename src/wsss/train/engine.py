@@ -120,7 +120,8 @@ class Trainer:
         self.mean, self.std = transforms.get("mean", [0.5] * 3), transforms.get("std", [0.5] * 3)
         self.dataset = VOCDataset(data["root"], data["split"], transform=build_transforms(transforms),
                                   labels_file=data["labels_file"], min_label_fraction=data["min_label_fraction"],
-                                  seed=cfg["seed"], mask_dir=data["mask_dir"], saliency_dir=data["saliency_dir"])
+                                  seed=cfg["seed"], mask_dir=data["mask_dir"], saliency_dir=data["saliency_dir"],
+                                  background=data["background"])
         self.classes = self.dataset.classes
         # Opened now, so that a validation split without masks fails before training, not after val.every steps.
         self.val_dataset = (VOCDataset(data["root"], cfg["val"]["split"], require_masks=cfg["val"]["metric"] == "miou")
