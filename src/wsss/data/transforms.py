@@ -580,3 +580,11 @@ def eval_transforms(
     if mean is not None and std is not None:
         steps.append(Normalize(mean, std))
     return Compose(steps)
+
+
+def preprocess(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """One ``(H, W, 3)`` uint8 image (:func:`wsss.data.io.read_image`) as the normalised ``(1, 3, H, W)`` batch a
+    model and :func:`wsss.localize.localize` take. ``mean``/``std``: the model's (a run's ``spec.mean`` and
+    ``spec.std``; 0.5 for the shared ImageNet ViT-Ti)."""
+    tensor, _ = eval_transforms(None, mean, std)(image)
+    return tensor[None]
