@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..models.vit import Capture, ViTOutput
-from .base import Footprint, Localizer, class_logits, class_token_logits, query_rows
+from .base import Footprint, Localizer, batched_grads, class_logits, class_token_logits, query_rows
 
 
 def attention_rows(attn: Tensor, rows: Tensor) -> Tensor:
@@ -21,21 +21,11 @@ def attention_rows(attn: Tensor, rows: Tensor) -> Tensor:
 
 
 def gradient_rows(scores: Tensor, attn: Sequence[Tensor], rows: Tensor) -> list[Tensor]:
-    """``d scores[b, k] / d attn_l[b, :, rows[b, k]]`` for every read block l, each ``(B, K, H, T)``.
-
-    One backward pass per class column, the graph kept between them, each keeping only the query rows. The
-    batched alternative (``is_grads_batched``) runs LayerNorm, GELU and softmax backward through PyTorch's legacy
-    vmap fallback, a per-class loop plus copies of every (K, H, T, T) gradient: 1.4x slower at 448 px with K = 10
-    on the CPU, and K times the memory. Image b only depends on row b, so one pass serves the whole batch.
-    """
+    """``d scores[b, k] / d attn_l[b, :, rows[b, k]]`` for every read block l, each ``(B, K, H, T)``: the query
+    rows of each class's attention gradients, kept as each class's backward pass ends (:func:`batched_grads`)."""
     b_idx = torch.arange(scores.shape[0], device=scores.device)
-    k = scores.shape[1]
-    per_block: list[list[Tensor]] = [[] for _ in attn]
-    for j in range(k):
-        grads = torch.autograd.grad(scores[:, j].sum(), list(attn), retain_graph=j < k - 1)
-        for block, g in enumerate(grads):
-            per_block[block].append(g[b_idx, :, rows[:, j]])  # (B, H, T)
-    return [torch.stack(r, dim=1) for r in per_block]
+    grads = batched_grads(scores, attn, select=lambda j, gs: [g[b_idx, :, rows[:, j]] for g in gs])  # (K, B, H, T)
+    return [g.transpose(0, 1) for g in grads]
 
 
 def checked_layer(layer: int, depth: int) -> int:
