@@ -46,7 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     source = p.add_argument_group("model (exactly one)").add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="a trained run folder, checkpoint folder or model.safetensors")
-    source.add_argument("--model", help="a backbone preset with its classifier (`--weights` gives the weights)")
+    source.add_argument("--model", help="a backbone preset with its classifier (`--weights` gives the weights; its "
+                        "input normalisation is --mean/--std, 0.5 if left out, as for the shared ViT-Ti)")
     p.add_argument("--weights", type=Path, default=None, help="with --model: its weights file (required there; default: none)")
     p.add_argument("--class-names", type=Path, default=None,
                    help="with --model: a text file with one class name per classifier output, e.g. ImageNet's "
