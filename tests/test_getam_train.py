@@ -164,3 +164,47 @@ def test_start_layer_out_of_range_is_refused_when_the_model_is_built():
     with pytest.raises(ConfigError, match=r"start_layer 4 is out of range for a 4-block model"):
         _model(objective)
     _model(_objective(start_layer=-4))
+
+
+def test_dense_crf_term_is_the_regulariser_on_the_raw_crop_inside_its_roi():
+    from wsss.train.dense_crf_loss import DenseCRFLoss
+
+    objective = _objective(cls_steps=0, dropout=0.0, dcrf_weight=1e-3)
+    assert objective.needs_roi and not _objective().needs_roi
+    model = _model(objective).eval()
+    batch = _batch()
+    batch["roi"] = torch.ones(4, 64, 64, dtype=torch.uint8)
+    batch["roi"][:, :, 48:] = 0  # the padded right strip of the crops
+    torch.manual_seed(0)
+    loss, logs = objective(model, batch, step=0)
+    torch.manual_seed(0)
+    without, _ = _objective(cls_steps=0, dropout=0.0)(model, batch, step=0)
+    # The term is exactly the regulariser of the model's softmax on the denormalised crop, gated by the labels.
+    pseudo, _ = objective.pseudo_labels(model, batch["image"], batch["label"])
+    logits = torch.nn.functional.interpolate(model(batch["image"]), size=(64, 64), mode="bilinear",
+                                             align_corners=False)
+    with torch.no_grad():
+        expected = DenseCRFLoss(1e-3)(denormalize(batch["image"]) * 255, logits.softmax(dim=1), batch["roi"].float(),
+                                      pseudo)
+    assert logs["dcrf"] == pytest.approx(float(expected), rel=1e-4) and logs["dcrf"] < 0
+    assert float(loss.detach()) == pytest.approx(float(without.detach()) + logs["dcrf"], rel=1e-4, abs=1e-6)
+    with pytest.raises(ConfigError, match="roi"):
+        objective(model, _batch(), step=0)
+
+
+def test_the_dataset_carries_the_crop_roi_when_asked(tmp_path):
+    from wsss.data.synth import make_synthetic
+    from wsss.data.transforms import build_transforms
+    from wsss.data.voc import VOCDataset, collate
+
+    root = make_synthetic(tmp_path / "d", num_train=2, num_val=1, size=32)
+    dataset = VOCDataset(root, "train", transform=build_transforms({"crop": 48, "hflip": False}), seed=0)
+    plain = dataset[0]
+    dataset.with_roi = True
+    item = dataset[0]
+    assert "roi" not in plain and item["roi"].shape == (48, 48)
+    assert torch.equal(item["mask"], plain["mask"])  # the labels decode as they were
+    inside = item["roi"].bool()
+    assert inside.sum() == 32 * 32 and torch.all(item["mask"][~inside] == 255)  # the padding is outside
+    batch = collate([item, dataset[1]])
+    assert batch["roi"].shape == (2, 48, 48) and batch["roi"].dtype == torch.uint8

@@ -37,6 +37,7 @@ from .layout import (ALL_IMAGES, BACKGROUND, LABEL_FILE_NAMES, ImageFolder, find
 from .transforms import mask_to_tensor, to_tensor
 
 SALIENCY_BIT = 256  # saliency travels through the transforms packed above the mask's 0..255 labels
+ROI_BIT = 512  # so does "inside the image": padding (mask 255) decodes as outside, the crop's ROI
 
 Transform = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -124,6 +125,8 @@ class VOCDataset(torch.utils.data.Dataset):
         self._file_labels = self._load_file_labels(labels_file, require_labels)
         self.has_labels = self._file_labels is not None or self.has_masks
         self._mask_labels: dict[int, np.ndarray] = {}
+        # Set by an objective that needs each crop's ROI (GETAM's dense-CRF loss): items then carry ``roi``.
+        self.with_roi = False
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -273,8 +276,13 @@ class VOCDataset(torch.utils.data.Dataset):
             # padding (mask 255) decodes as not salient, as the authors zero-pad their saliency maps.
             salient = torch.from_numpy(self.load_saliency(index, (height, width))).long()
             mask_t = mask_t + SALIENCY_BIT * salient
+        if self.with_roi:
+            mask_t = mask_t + ROI_BIT
         if self.transform is not None:
             image_t, mask_t = self.transform(image_t, mask_t, self.generator(index))
+        roi_t = None
+        if self.with_roi:
+            roi_t, mask_t = (mask_t // ROI_BIT).to(torch.uint8), mask_t % ROI_BIT
         if self.saliency_dir is not None:
             saliency_t, mask_t = mask_t // SALIENCY_BIT, mask_t % SALIENCY_BIT
         if self._file_labels is None and self.has_masks:
@@ -289,6 +297,8 @@ class VOCDataset(torch.utils.data.Dataset):
         }
         if saliency_t is not None:
             item["saliency"] = saliency_t
+        if roi_t is not None:
+            item["roi"] = roi_t
         return item
 
 
@@ -302,12 +312,15 @@ def collate(batch: list[dict[str, Any]], pad_image: float = 0.0) -> dict[str, An
     images = torch.full((len(batch), first.shape[0], height, width), pad_image, dtype=first.dtype)
     masks = torch.full((len(batch), height, width), IGNORE_INDEX, dtype=torch.long)
     saliency = torch.zeros((len(batch), height, width), dtype=torch.long) if "saliency" in first_item else None
+    roi = torch.zeros((len(batch), height, width), dtype=torch.uint8) if "roi" in first_item else None
     for k, item in enumerate(batch):
         h, w = item["image"].shape[-2:]
         images[k, :, :h, :w] = item["image"]
         masks[k, :h, :w] = item["mask"]
         if saliency is not None:
             saliency[k, :h, :w] = item["saliency"]
+        if roi is not None:
+            roi[k, :h, :w] = item["roi"]
     out = {
         "image": images,
         "mask": masks,
@@ -317,4 +330,6 @@ def collate(batch: list[dict[str, Any]], pad_image: float = 0.0) -> dict[str, An
     }
     if saliency is not None:
         out["saliency"] = saliency
+    if roi is not None:
+        out["roi"] = roi
     return out

@@ -136,6 +136,11 @@ class Trainer:
                                 pool=m["pool"], drop_path_rate=m["drop_path_rate"])
         self.objective = build_objective(cfg["method"], classes=self.classes, device=self.device, mean=self.mean,
                                          std=self.std)
+        if getattr(self.objective, "needs_roi", False):  # GETAM's dense-CRF loss: each crop's ROI in the batch
+            if transforms.get("rand_augment"):
+                raise ConfigError("data.transforms.rand_augment moves masks as 8-bit images, which cannot carry the "
+                                  "crop's ROI that the dense-CRF loss needs; use one or the other")
+            self.dataset.with_roi = True
         # An objective may extend the backbone (e.g. with a segmentation decoder).
         build = getattr(self.objective, "build_model", None)
         self.model = (build(backbone) if build is not None else backbone).to(self.device)

@@ -10,11 +10,12 @@ Phase 2, every step:
 3. activation-aware label completion (with the batch's ``saliency`` when the dataset provides one, see
    ``data.saliency_dir``; else the variant without), giving pseudo labels;
 4. a fresh forward pass of classifier + segmentation head: split cross-entropy (background and foreground
-   terms averaged separately) + MLSM (+ ``saliency_weight`` x saliency BCE with ``saliency_loss: true``).
+   terms averaged separately) + MLSM (+ ``saliency_weight`` x saliency BCE with ``saliency_loss: true``)
+   (+ ``dcrf_weight`` x the dense-CRF energy of the softmax on the raw crop inside its ROI, gated by the pseudo
+   labels' 255 pixels: :class:`~wsss.train.dense_crf_loss.DenseCRFLoss`; GETAM: 1e-7. It is O(N²) per crop: a
+   GPU loss, off in the CPU presets).
 
 Options (``method:``) are :class:`GETAMOptions`.
-
-GETAM's dense-CRF regulariser (weight 1e-7) is not implemented.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -36,6 +38,7 @@ from ...pseudo.completion import label_completion_with_saliency
 from ...refine.pamr import pamr
 from ...segment.losses import saliency_bce, saliency_target, split_cross_entropy_terms
 from ...segment.objective import DecoderOptions, build_segmenter
+from ...train.dense_crf_loss import DenseCRFLoss
 from ...train.distributed import unwrap
 from ...train.losses import classification_loss
 from .localizer import GETAM
@@ -55,6 +58,8 @@ class GETAMOptions(DecoderOptions):
     saliency_target: Literal["intended", "authors"] = "intended"  # authors: the released code's degenerate target
     saliency_weight: float = Field(1.0, ge=0.0)
     phase2_lr_scale: float = Field(0.1, gt=0.0)  # GETAM's lr_scale in phase 2 (applied through lr_scale(step))
+    dcrf_weight: float = Field(0.0, ge=0.0)  # GETAM: 1e-7 (sigma_rgb 15, sigma_xy 100, at 0.5 scale)
+    dcrf_scale: float = Field(0.5, gt=0.0, le=1.0)
 
 
 class GETAMObjective:
@@ -73,6 +78,12 @@ class GETAMObjective:
         self.split_background = 0 if classes.has_background else None
         self.cls_steps = options.cls_steps
         self._to_label = torch.tensor([classes.output_to_label(k) for k in range(classes.num_fg)], dtype=torch.long)
+        self.dense_crf = DenseCRFLoss(options.dcrf_weight, scale=options.dcrf_scale) if options.dcrf_weight else None
+
+    @property
+    def needs_roi(self) -> bool:
+        """The dense-CRF loss needs each crop's ROI (``batch["roi"]``, see ``VOCDataset.with_roi``)."""
+        return self.dense_crf is not None
 
     def build_model(self, backbone: VisionTransformer) -> SegmentationModel:
         """The backbone (classifier kept) plus a decoder with one channel per dataset label."""
@@ -143,6 +154,15 @@ class GETAMObjective:
         loss = bg + fg + cls
         logs.update({"seg_bg": float(bg.detach()), "seg_fg": float(fg.detach()),
                      "pseudo_labelled": float((pseudo != IGNORE_INDEX).float().mean())})
+        if self.dense_crf is not None:
+            if "roi" not in batch:
+                raise ConfigError("method.dcrf_weight needs each crop's ROI in the batch (the training engine adds "
+                                  "it); got a batch without 'roi'")
+            probs = F.interpolate(out.logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            raw = denormalize(images, self.mean, self.std) * 255.0
+            dcrf = self.dense_crf(raw, probs.softmax(dim=1), batch["roi"].to(images.device).float(), pseudo)
+            loss = loss + dcrf
+            logs["dcrf"] = float(dcrf.detach())
         if self.options.saliency_loss:
             target = saliency_target(saliency, edited, self.options.saliency_target)
             sal = saliency_bce(out.logits, target)
