@@ -86,7 +86,7 @@ def test_getam_grad_power_one_differs_and_matches_reference():
 
 
 def test_all_methods_all_heads_run_and_flip_is_equivariant():
-    for head in ("token", "gap", "conv", "mct"):
+    for head in ("token", "gap", "conv", "mct", "getam"):
         model = _small_model(head=head)
         images = torch.randn(2, 3, 32, 32)
         for name, cls in REGISTRY.maps().items():

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -92,6 +94,43 @@ class MCTHead(nn.Conv2d):
         return HeadOutput(tokens[:, : self.out_channels].mean(dim=-1), patch_logits=_pool(cam, self.pool), cam=cam)
 
 
+class GETAMHead(nn.Module):
+    """GETAM's classifier (``forward_cls`` of its DPT code, methods.md §2) on block 11's raw output.
+
+    The "project" readout joins each patch token with the class token (Linear 2D -> D, GELU), the patches become a
+    map, a 1x1 and a 3x3 stride-2 convolution follow, then global average pooling and a linear layer. So the
+    score depends on every patch token and on the class token through every patch, and every block's class-token
+    attention row gets a gradient (the ``gap`` head's logits never see the class token's output). ``cam`` is the
+    linear layer applied at every position of the stride-2 map (its mean is the logits), resized to the token grid.
+
+    In the authors' DPT model the first three layers are the reassembly of block 11 that the decoder shares
+    (``pretrained.act_postprocess4.0.project.0`` -> ``head.readout.0``, ``pretrained.act_postprocess4.3`` ->
+    ``head.conv1``, ``pretrained.act_postprocess4.4`` -> ``head.conv2``) and the last is ``cls_head`` -> ``head.fc``.
+    """
+
+    reads_patches = True
+    final_norm = False  # GETAM's hook takes block 11's output before the final LayerNorm
+
+    def __init__(self, dim: int, num_classes: int, pool: str = "avg"):
+        super().__init__()
+        self.readout = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU())
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size=1)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, stride=2, padding=1)
+        self.fc = nn.Linear(dim, num_classes)
+
+    @property
+    def out_features(self) -> int:
+        return self.fc.out_features
+
+    def classify(self, tokens: Tensor, grid: tuple[int, int], num_prefix: int) -> HeadOutput:
+        patches = tokens[:, num_prefix:]
+        joined = torch.cat([patches, tokens[:, :1].expand_as(patches)], dim=-1)
+        features = self.conv2(self.conv1(patch_map(self.readout(joined), grid, 0)))  # (B, D, h/2, w/2)
+        cam = torch.einsum("kd,bdhw->bkhw", self.fc.weight, features) + self.fc.bias[:, None, None]
+        return HeadOutput(cam.mean(dim=(2, 3)),
+                          cam=F.interpolate(cam, size=grid, mode="bilinear", align_corners=False))
+
+
 class NoHead(nn.Identity):
     """No classifier (``num_classes=0``): the "logits" are the final-normed class token, as timm returns features."""
 
@@ -104,4 +143,5 @@ class NoHead(nn.Identity):
         return HeadOutput(tokens[:, 0])
 
 
-HEADS: dict[str, type[nn.Module]] = {"token": TokenHead, "gap": GapHead, "conv": ConvHead, "mct": MCTHead}
+HEADS: dict[str, type[nn.Module]] = {"token": TokenHead, "gap": GapHead, "conv": ConvHead, "mct": MCTHead,
+                                     "getam": GETAMHead}
