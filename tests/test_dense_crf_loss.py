@@ -82,3 +82,30 @@ def test_getam_scaling_and_weight(batch):
     assert value.item() < 0
     with pytest.raises(ValueError, match="roi"):
         dense_crf_energy(images, probs, roi[:, :3], labels)
+
+
+def test_a_24x32_image_against_the_explicit_kernel_matrix():
+    """The issue's size: N = 768 pixels, the kernel as one explicit N x N float64 matrix."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (2, 3, 24, 32), generator=g).float()
+    probs = torch.randn(2, 5, 24, 32, generator=g).softmax(dim=1).requires_grad_(True)
+    roi = torch.ones(2, 24, 32)
+    roi[0, 20:] = 0
+    labels = torch.randint(0, 5, (2, 24, 32), generator=g)
+    labels[1, :6, :6] = 255
+    energy = dense_crf_energy(images, probs, roi, labels, sigma_rgb=15.0, sigma_xy=50.0)
+    energy.backward()
+    ys, xs = np.mgrid[0:24, 0:32]
+    total, grad = 0.0, np.zeros((2, 5, 24, 32))
+    for b in range(2):
+        f = np.concatenate([np.stack([ys, xs]).reshape(2, -1) / 50.0,
+                            images[b].double().numpy().reshape(3, -1) / 15.0]).T  # (N, 5)
+        kernel = np.exp(-0.5 * ((f[:, None, :] - f[None, :, :]) ** 2).sum(-1))  # (N, N)
+        p = probs[b].detach().double().numpy().reshape(5, -1) * roi[b].numpy().reshape(1, -1)
+        gate = np.clip(roi[b].numpy().reshape(-1) - probs[b].detach().double().numpy().reshape(5, -1).max(0), 0, None)
+        gate[labels[b].numpy().reshape(-1) == 255] = 1.0
+        weighted = (p @ kernel.T) * gate
+        total -= (p * weighted).sum()
+        grad[b] = (-2 * weighted * roi[b].numpy().reshape(1, -1)).reshape(5, 24, 32)
+    assert energy.item() == pytest.approx(total / 2, rel=1e-5)
+    np.testing.assert_allclose(probs.grad.numpy(), grad / 2, rtol=1e-4, atol=1e-5)

@@ -208,3 +208,23 @@ def test_the_dataset_carries_the_crop_roi_when_asked(tmp_path):
     assert inside.sum() == 32 * 32 and torch.all(item["mask"][~inside] == 255)  # the padding is outside
     batch = collate([item, dataset[1]])
     assert batch["roi"].shape == (2, 48, 48) and batch["roi"].dtype == torch.uint8
+
+
+def test_the_authors_and_the_intended_voc_presets(tmp_path):
+    from wsss.data.synth import make_synthetic
+    from wsss.settings import flatten
+    from wsss.train import Trainer, load_config
+
+    authors, intended = (flatten(load_config(p, ["data.root=/x"])) for p in ("getam_voc", "getam_voc_intended"))
+    differ = {k for k in authors if authors[k] != intended[k]}
+    assert differ == {"run_dir", "optim.authors_sgd_quirk", "method.saliency_target"}
+    assert authors["model.name"] == "vit_base_r50_s16_384" and authors["model.head"] == "getam"
+    assert authors["optim.authors_sgd_quirk"] and authors["method.saliency_target"] == "authors"
+    assert authors["method.saliency_loss"] and authors["method.dcrf_weight"] == 1e-7
+    # The saliency loss without saliency maps fails when the run starts, not in phase 2.
+    root = make_synthetic(tmp_path / "d", num_train=4, num_val=1, size=32)
+    cfg = load_config("getam_demo", [f"data.root={root}", f"run_dir={tmp_path / 'run'}", "method.saliency_loss=true",
+                                     "data.batch_size=2",
+                                     "device=cpu"])
+    with pytest.raises(ConfigError, match="saliency_dir"):
+        Trainer(cfg)

@@ -251,3 +251,22 @@ def test_batched_predict_writes_the_labels_of_one_image_at_a_time(msrc_subset, t
         assert np.array_equal(a, b), image_id
         classes |= set(np.unique(a).tolist())
     assert len(classes) > 2
+
+
+def test_getam_square_test_geometry(msrc_subset):
+    from wsss.models.segmenter import SegmentationModel
+    from wsss.segment.predict import predict_probs
+
+    torch.manual_seed(4)
+    model = SegmentationModel(create_model("vit_nano_patch16", num_classes=15), 16, dim=16).eval()
+    images = torch.randn(2, 3, 40, 56)
+    probs = predict_probs(model, images, square_sizes=(32, 48))
+    views = []
+    for size in (32, 48):
+        logits = model(torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear",
+                                                       align_corners=False))
+        views.append(torch.nn.functional.interpolate(logits, size=(40, 56), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(probs, ((views[0] + views[1]) / 2).softmax(dim=1))
+    assert not torch.allclose(probs, predict_probs(model, images))  # not the aspect-keeping views
+    with pytest.raises(SystemExit):
+        main(["predict", "--checkpoint", "x", "--data", str(msrc_subset), "--out", "o", "--square-sizes", "0"])

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from ..data.manifest import OutputManifest, check_output_folder, checkpoint_digest
 from ..data.voc import VOCDataset
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..models import checkpoint
 from ..refine.crf import CRF_PRESETS
 from ..segment.predict import predict_split
@@ -44,6 +44,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start over: delete the files the manifest of --out lists, even if made with other settings")
     options.add_views(p, what="probabilities")
+    p.add_argument("--square-sizes", type=options.positive_int, nargs="+", metavar="S", default=None,
+                   help="GETAM's test geometry instead of --scales/--flip: the image resized to each S x S (aspect "
+                   "ratio not kept), logits averaged at the image size; GETAM: 256 320 480 with --crf getam "
+                   "(default: none)")
     options.add_normalization(p)
     options.add_batching(p)
     options.add_limit(p)
@@ -54,12 +58,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def manifest_settings(digest: str, args: argparse.Namespace, mean: Sequence[float],
                       std: Sequence[float]) -> dict[str, Any]:
     """The settings that decide the PNGs: the checkpoint's content, the views, the CRF and the normalisation."""
-    return {"checkpoint_sha256": digest, "scales": [float(s) for s in args.scales], "flip": bool(args.flip),
-            "crf": args.crf, "mean": list(mean), "std": list(std)}
+    settings = {"checkpoint_sha256": digest, "scales": [float(s) for s in args.scales], "flip": bool(args.flip),
+                "crf": args.crf, "mean": list(mean), "std": list(std)}
+    if args.square_sizes:  # only when used, so folders written before the option still resume
+        settings["square_sizes"] = list(args.square_sizes)
+    return settings
 
 
 def run(args: argparse.Namespace) -> int:
     """Predict every image of the split whose label PNG the manifest of ``--out`` does not list."""
+    if args.square_sizes and (args.flip or [float(x) for x in args.scales] != [1.0]):
+        raise ConfigError("--square-sizes replaces --scales and --flip (GETAM's test uses no flip); give one or the "
+                          "other")
     shard = sharding.join(args)
     source = checkpoint.resolve(args.checkpoint)
     model, spec = checkpoint.load(source, shard.device)
@@ -78,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                                          std=std, device=shard.device, indices=indices, manifest=manifest,
                                          batch_size=args.batch_size,
                                          num_workers=options.loader_workers(args, shard.device),
-                                         progress=shard.is_main)
+                                         progress=shard.is_main, square_sizes=args.square_sizes)
     written, skipped = shard.finish(args.out, [written, skipped])
     if shard.is_main:
         print(f"wrote {written} label PNGs to {args.out} ({skipped} already there)")

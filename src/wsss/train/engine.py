@@ -136,6 +136,9 @@ class Trainer:
                                 pool=m["pool"], drop_path_rate=m["drop_path_rate"])
         self.objective = build_objective(cfg["method"], classes=self.classes, device=self.device, mean=self.mean,
                                          std=self.std)
+        if getattr(self.objective, "needs_saliency", False) and data["saliency_dir"] is None:
+            # Checked now: the loss first reads the saliency in phase 2, perhaps days into the run.
+            raise ConfigError("method.saliency_loss needs saliency maps: set data.saliency_dir=PATH")
         if getattr(self.objective, "needs_roi", False):  # GETAM's dense-CRF loss: each crop's ROI in the batch
             if transforms.get("rand_augment"):
                 raise ConfigError("data.transforms.rand_augment moves masks as 8-bit images, which cannot carry the "

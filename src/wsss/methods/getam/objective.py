@@ -81,6 +81,11 @@ class GETAMObjective:
         self.dense_crf = DenseCRFLoss(options.dcrf_weight, scale=options.dcrf_scale) if options.dcrf_weight else None
 
     @property
+    def needs_saliency(self) -> bool:
+        """The saliency loss reads ``batch["saliency"]`` (``data.saliency_dir``)."""
+        return self.options.saliency_loss
+
+    @property
     def needs_roi(self) -> bool:
         """The dense-CRF loss needs each crop's ROI (``batch["roi"]``, see ``VOCDataset.with_roi``)."""
         return self.dense_crf is not None
