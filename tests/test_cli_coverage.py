@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from random_classifier import save_random_classifier
 from reference_maps import reference_maps
 from wsss.cli.main import main
 from wsss.data.io import load_maps, read_mask, save_maps, write_mask
 from wsss.data.synth import make_synthetic
 from wsss.data.voc import VOCDataset
-from wsss.models import create_model
-from wsss.models.checkpoint import describe, save
 
 MEAN, STD = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)  # not the defaults: they must come from the checkpoint
 
@@ -28,14 +27,8 @@ def synth(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def classifier(synth, tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     """A random nano ViT (weights pushed away from their initialisation) saved as a checkpoint of the dataset."""
-    dataset = VOCDataset(synth, "val")
-    torch.manual_seed(11)
-    model = create_model("vit_nano_patch16", num_classes=dataset.classes.num_fg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
     path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
-    save(path, model, describe(model, "vit_nano_patch16", dataset.classes.names, MEAN, STD, method="baseline"))
+    model = save_random_classifier(path, VOCDataset(synth, "val"), 11, MEAN, STD)
     return path, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from random_classifier import save_random_classifier
 from wsss.cli.main import main
 from wsss.data.io import load_maps, save_maps
 from wsss.data.manifest import (OutputManifest, consolidate_parts, manifest_path, part_path, part_paths,
@@ -22,7 +23,6 @@ from wsss.errors import DataError
 from wsss.data.batches import size_batches
 from wsss.localize.split import iter_split_maps
 from wsss.models import create_model
-from wsss.models.checkpoint import describe, save
 
 REPO = Path(__file__).resolve().parents[1]
 # Three sizes among them (320x213, 320x240 and 240x320), so batches group by size.
@@ -44,15 +44,8 @@ def msrc_subset(shared_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def classifier(msrc_subset, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
-    dataset = VOCDataset(msrc_subset, "val")
-    torch.manual_seed(5)
-    model = create_model("vit_nano_patch16", num_classes=dataset.classes.num_fg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
     path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
-    save(path, model, describe(model, "vit_nano_patch16", dataset.classes.names, MEAN, STD, method="baseline"))
-    return path, model
+    return path, save_random_classifier(path, VOCDataset(msrc_subset, "val"), 5, MEAN, STD)
 
 
 def test_size_batches_group_by_size_and_keep_order():
@@ -136,7 +129,7 @@ def test_compact_cam_scores_like_full_maps(msrc_subset, classifier, tmp_path):
     assert main(_cam(path, msrc_subset, tmp_path / "compact")) == 0
     full = evaluate_split(msrc_subset, "val", tmp_path / "full", threshold=0.3, progress=False)
     compact = evaluate_split(msrc_subset, "val", tmp_path / "compact", threshold=0.3, progress=False)
-    assert abs(full["miou"] - compact["miou"]) < 0.005
+    assert abs(full["miou"] - compact["miou"]) < 0.001, (full["miou"], compact["miou"])  # the issue: 0.1 mIoU
     size = {k: sum(p.stat().st_size for p in (tmp_path / k).glob("*.npz")) for k in ("full", "compact")}
     assert size["compact"] * 10 <= size["full"]
     assert read_manifest(tmp_path / "compact")["settings"]["map_stride"] == 4

@@ -83,7 +83,7 @@ def _memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _map_options(method: str, start_layer: int | None, depth: int) -> dict:
+def map_options(method: str, start_layer: int | None, depth: int) -> dict:
     """The localiser options of the command line; ``--start-layer`` only for the maps that read blocks from one."""
     if start_layer is None:
         return {}
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     options.check_classes(spec, dataset.classes.names, source, args.data)
     options.check_classifier(vit.num_classes, dataset.classes.num_fg, source, args.data)
     mean, std = options.normalization(args, spec, source)
-    map_options = _map_options(args.method, args.start_layer, vit.depth)
+    localizer_options = map_options(args.method, args.start_layer, vit.depth)
     out = Path(args.out)
     check_output_folder(out, dataset.root, dataset.mask_dir)
     # Label PNGs need a background threshold, except on datasets without a background class (argmax).
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         maps_iter = iter_split_maps(vit, dataset, args.method, args.scales, args.flip, mean, std, indices=todo,
                                     device=shard.device, memory_budget=args.memory_budget,
                                     batch_size=args.batch_size,
-                                    num_workers=options.loader_workers(args, shard.device), **map_options)
+                                    num_workers=options.loader_workers(args, shard.device), **localizer_options)
         for image_id, maps, labels in tqdm(maps_iter, total=len(todo), desc=f"{args.method} maps",
                                            disable=not shard.is_main):
             if with_labels:

@@ -27,10 +27,11 @@ from ..data.transforms import eval_transforms
 from ..errors import ConfigError, DataError
 from ..methods import REGISTRY
 from ..models import checkpoint, create_model
+from ..models.multiview import resize_to_multiple
 from ..pseudo.labels import maps_to_labels
 from ..visualize import overlay, titled_grid
 from . import options
-from .cam import _map_options
+from .cam import map_options
 
 TILE = 256  # pixels per heat map in the picture
 
@@ -163,13 +164,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--classes: {len(fixed)} classes do not fit a label PNG (at most 254)")
     k = min(args.top_k, model.num_classes)
     transform = eval_transforms(None, mean, std)
-    with REGISTRY.localizer(args.method)(model, **_map_options(args.method, args.start_layer, model.depth)) as loc:
+    with REGISTRY.localizer(args.method)(model, **map_options(args.method, args.start_layer, model.depth)) as loc:
         for path, name in images:
             pixels = read_image(path)
             tensor, _ = transform(pixels)
             x = tensor[None].to(device)
             with torch.no_grad():
-                scores = model(_multiple_of_patch(x, model.patch_size))[0].float().cpu()  # logits
+                scores = model(resize_to_multiple(x, 1.0, model.patch_size))[0].float().cpu()  # logits
             classes = fixed if fixed is not None else scores.topk(k).indices.tolist()
             maps = loc(x, [classes], scales=args.scales, flip=args.flip)[0].cpu().numpy()
             save_maps(_output(args.out, name, ".npz"), maps, classes)
@@ -181,15 +182,6 @@ def run(args: argparse.Namespace) -> int:
                 write_mask(_output(args.out / "labels", name, ".png"), labels.numpy().astype(np.uint8))
     print(f"wrote the {args.method} maps of {len(images)} images to {args.out}")
     return 0
-
-
-def _multiple_of_patch(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """The image resized to the nearest multiple of the patch size, for the classifier's scores."""
-    h, w = x.shape[-2:]
-    size = (max(patch, round(h / patch) * patch), max(patch, round(w / patch) * patch))
-    if size == (h, w):
-        return x
-    return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def _output(out: Path, name: str, suffix: str) -> Path:

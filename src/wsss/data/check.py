@@ -24,8 +24,8 @@ from PIL import Image
 from ..errors import DataError
 from .classes import ClassSet
 from .io import IGNORE_INDEX, read_image, read_mask
-from .layout import (ALL_IMAGES, BACKGROUND, LABEL_FILE_NAMES, ImageFolder, find_labels_file,
-                     is_image_folder_dataset, label_names, read_labels_file, read_split)
+from .layout import (ALL_IMAGES, LABEL_FILE_NAMES, ImageFolder, find_labels_file, image_folder_classes,
+                     is_image_folder_dataset, read_labels_file, read_split)
 from .prepare_voc import parallel_map
 
 
@@ -158,10 +158,7 @@ def _check_image_folder(root: Path, split: str | None, num_workers: int, labels_
         return report
     try:
         path = Path(labels_file) if labels_file is not None else find_labels_file(root)
-        if (root / "classes.txt").is_file():
-            classes = ClassSet.from_file(root / "classes.txt")
-        else:
-            classes = ClassSet(((BACKGROUND,) if background else ()) + tuple(label_names(path)))
+        classes = image_folder_classes(root, path, background=background)
     except DataError as exc:
         report.problems.append(_problem(exc))
         return report

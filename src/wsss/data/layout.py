@@ -348,6 +348,17 @@ def label_names(path: str | Path) -> list[str]:
     return [names[key] for key in sorted(names)]
 
 
+def image_folder_classes(root: str | Path, labels_path: str | Path, class_names: Sequence[str] | None = None,
+                         background: bool = True) -> ClassSet:
+    """The classes of a folder dataset: ``ROOT/classes.txt``, else ``class_names`` (the list a model was trained on),
+    else :func:`label_names` of the labels file, after a ``background`` class unless ``background`` is False."""
+    if (Path(root) / "classes.txt").is_file():
+        return ClassSet.from_file(Path(root) / "classes.txt")
+    if class_names is not None:
+        return ClassSet(tuple(class_names))
+    return ClassSet(((BACKGROUND,) if background else ()) + tuple(label_names(labels_path)))
+
+
 def read_labels_file(
     path: str | Path, classes: ClassSet, problems: list[tuple[str | None, str]] | None = None
 ) -> dict[str, tuple[int, ...]]:

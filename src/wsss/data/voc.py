@@ -32,8 +32,8 @@ from PIL import UnidentifiedImageError
 from ..errors import ConfigError, DataError
 from .classes import ClassSet
 from .io import IGNORE_INDEX, open_image, read_image, read_mask
-from .layout import (ALL_IMAGES, BACKGROUND, LABEL_FILE_NAMES, ImageFolder, find_labels_file,
-                     is_image_folder_dataset, label_names, read_labels_file, read_split)
+from .layout import (ALL_IMAGES, LABEL_FILE_NAMES, ImageFolder, find_labels_file, image_folder_classes,
+                     is_image_folder_dataset, read_labels_file, read_split)
 from .transforms import mask_to_tensor, to_tensor
 
 SALIENCY_BIT = 256  # saliency travels through the transforms packed above the mask's 0..255 labels
@@ -113,7 +113,7 @@ class VOCDataset(torch.utils.data.Dataset):
         if self.is_image_folder:
             self._open_image_folder(labels_file, class_names, background)
         else:
-            if split is None or split == ALL_IMAGES and not self._split_path(split).is_file():
+            if split is None or (split == ALL_IMAGES and not self._split_path(split).is_file()):
                 raise ConfigError(f"{self.root} is a VOC-layout dataset: name a split of "
                                   f"{self.root / 'ImageSets' / 'Segmentation'} (--split)")
             self.classes = ClassSet.from_file(self.root / "classes.txt")
@@ -141,12 +141,7 @@ class VOCDataset(torch.utils.data.Dataset):
             raise ConfigError(f"{self.root} is a folder of images without split lists: every labelled image is "
                               f"used; leave the split out (or name it {ALL_IMAGES!r}), not {self.split!r}")
         path = Path(labels_file) if labels_file is not None else find_labels_file(self.root)
-        if (self.root / "classes.txt").is_file():
-            self.classes = ClassSet.from_file(self.root / "classes.txt")
-        elif class_names is not None:
-            self.classes = ClassSet(tuple(class_names))
-        else:
-            self.classes = ClassSet(((BACKGROUND,) if background else ()) + tuple(label_names(path)))
+        self.classes = image_folder_classes(self.root, path, class_names, background)
         self.ids = list(read_labels_file(path, self.classes))
         if not self.ids:
             raise DataError(path, "the labels file lists no image")

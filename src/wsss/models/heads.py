@@ -118,10 +118,6 @@ class GETAMHead(nn.Module):
         self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, stride=2, padding=1)
         self.fc = nn.Linear(dim, num_classes)
 
-    @property
-    def out_features(self) -> int:
-        return self.fc.out_features
-
     def classify(self, tokens: Tensor, grid: tuple[int, int], num_prefix: int) -> HeadOutput:
         patches = tokens[:, num_prefix:]
         joined = torch.cat([patches, tokens[:, :1].expand_as(patches)], dim=-1)
