@@ -4,7 +4,7 @@
    224 crops (a class counts if it covers >= 1% of the crop) over the whole train split.
 2. ``wsss cam --method getam`` on a subset of train (the first ``--train-images`` ids), at the native 480x360 size;
    ``wsss eval`` scores the maps (argmax over the image's classes: CamVid has no background).
-3. ``wsss pseudo --bg-threshold T``: pixels whose best map is below T become 255 (ignored). Their quality (coverage
+3. ``wsss pseudo --threshold T``: pixels whose best map is below T become 255 (ignored). Their quality (coverage
    and mIoU on the covered pixels) is computed here, since ``wsss eval`` does not accept 255 in predictions.
 4. ``wsss train --config segment_camvid`` on the pseudo labels (a view of the dataset whose masks are the pseudo
    labels), then ``wsss predict`` on val and ``wsss eval``.
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pseudo = work / f"pseudo_{args.refine}_{args.threshold:.2f}"
     timed("pseudo", times, wsss, "pseudo", "--maps", maps, "--data", view, "--split", "train_sub", "--out", pseudo,
-          "--bg-threshold", args.threshold, "--refine", args.refine)
+          "--threshold", args.threshold, "--refine", args.refine)
     quality = pseudo_quality(view, subset, pseudo, classes)
     pseudo_view = make_view(source, work / "data_pseudo", {"train_sub": subset}, masks=pseudo)
 

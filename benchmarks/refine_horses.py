@@ -4,7 +4,7 @@
    to SIZE x SIZE (mean = std = 0.5); the map (min-max normalised) is upsampled bilinearly to the image size and
    saved as ``maps/<id>.npz`` (class: the dataset's horse label). The same forward pass writes
    ``affinity/<id>.npz``: the head-mean patch-to-patch attention averaged over all blocks, ``(N, N)``, and its grid.
-2. ``wsss pseudo --bg-threshold T --refine R`` labels every image for each refinement R and each threshold T.
+2. ``wsss pseudo --threshold T --refine R`` labels every image for each refinement R and each threshold T.
 3. ``wsss eval`` scores each result. The raw maps are also swept (``wsss eval --sweep`` on the .npz files).
 
 The table gives, per refinement, the mIoU at the raw maps' best threshold, the best mIoU over the threshold grid
@@ -111,7 +111,9 @@ def run_pseudo(root: Path, split: str, maps_dir: Path, affinity_dir: Path, refin
                out: Path, args: argparse.Namespace) -> float:
     """Run ``wsss pseudo`` once; returns its wall-clock seconds (0 if every PNG already existed)."""
     argv = ["pseudo", "--maps", str(maps_dir), "--data", str(root), "--split", split, "--out", str(out),
-            "--bg-threshold", str(threshold), "--refine", refine, "--crf-preset", args.crf_preset]
+            "--threshold", str(threshold), "--refine", refine]
+    if refine == "crf":  # the preset only goes with the CRF (with another refinement it is an error)
+        argv += ["--crf-preset", args.crf_preset]
     if refine == "affinity":
         argv += ["--affinity", str(affinity_dir), "--affinity-power", str(args.affinity_power),
                  "--affinity-steps", str(args.affinity_steps)]
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                      "split": split, "thresholds": thresholds, "crf_preset": args.crf_preset,
                      "affinity": f"mean over blocks of the head-mean patch attention, power {args.affinity_power}, "
                                  f"{args.affinity_steps} step(s), row-normalised",
-                     "rule": "wsss pseudo --bg-threshold T"},
+                     "rule": "wsss pseudo --threshold T"},
         "environment": environment("cpu"),
         "raw_maps": {"miou": raw["miou"], "threshold": raw["threshold"], "iou": raw["iou"],
                      "map_s_per_image": map_seconds},

@@ -95,5 +95,5 @@ def test_pseudo_completion_with_saliency_by_hand(synth, tmp_path):
         assert with_s[50, 50] == 0 and without[50, 50] == 0  # neither
         assert set(np.unique(with_s).tolist()) == {0, label, 255}
     # --saliency belongs to the completion rule.
-    assert main(["pseudo", "--maps", str(maps_dir), "--data", str(synth), "--split", "val", "--bg-threshold", "0.5",
+    assert main(["pseudo", "--maps", str(maps_dir), "--data", str(synth), "--split", "val", "--threshold", "0.5",
                  "--saliency", str(saliency_dir), "--out", str(tmp_path / "bad")]) == 2

@@ -59,6 +59,15 @@ def test_every_option_has_help_and_shows_its_default(name, capsys):
             shown = formatter._get_help_string(action)
             assert action.nargs == 0 or action.required or action in alternatives or "default" in shown, (
                 p.prog, action.option_strings)
+            if action.nargs != 0 and action.default not in (None, argparse.SUPPRESS):
+                # The value itself is shown, not only the word: "(default: 4)".
+                expanded = formatter._expand_help(action)
+                spelled = (" ".join(map(str, action.default)) if isinstance(action.default, (list, tuple))
+                           else str(action.default))  # as typed on the command line: "train val"
+                assert str(action.default) in expanded or spelled in expanded, (p.prog, action.option_strings)
+        for action in p._actions:  # positionals too
+            if not action.option_strings and not isinstance(action, argparse._SubParsersAction):
+                assert action.help and action.help != argparse.SUPPRESS, f"{p.prog} {action.dest} has no help"
         with pytest.raises(SystemExit) as info:
             p.parse_args(["--help"])
         assert info.value.code == 0
@@ -91,7 +100,7 @@ def test_a_usage_error_and_a_wsss_error_exit_differently(tmp_path):
     assert _run_wsss("no-such-command").returncode == EX_USAGE
     assert _run_wsss("--help").returncode == 0
     wsss_error = _run_wsss("pseudo", "--maps", str(tmp_path / "missing"), "--data", str(tmp_path), "--split", "val",
-                           "--out", str(tmp_path / "out"), "--bg-threshold", "0.5")
+                           "--out", str(tmp_path / "out"), "--threshold", "0.5")
     assert wsss_error.returncode == EX_ERROR == 2
     lines = [line for line in wsss_error.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "maps folder not found" in lines[0]
@@ -224,7 +233,7 @@ def _usage(command: str, tmp_path) -> list[str]:
     return {
         "cam": ["cam", "--checkpoint", d, "--data", d, "--split", "val", "--out", d],
         "pseudo": ["pseudo", "--maps", d, "--data", d, "--split", "val", "--out", d],
-        "pseudo-rule": ["pseudo", "--maps", d, "--data", d, "--split", "val", "--out", d, "--bg-threshold", "0.5"],
+        "pseudo-rule": ["pseudo", "--maps", d, "--data", d, "--split", "val", "--out", d, "--threshold", "0.5"],
         "eval": ["eval", "--data", d, "--split", "val", "--pred", d],
         "eval-sweep": ["eval", "--data", d, "--split", "val", "--pred", d, "--sweep"],
         "check-data": ["check-data", "--data", d, "--split", "val"],
@@ -238,7 +247,7 @@ def _usage(command: str, tmp_path) -> list[str]:
     ("cam", ["--threshold", "1.5"]),
     ("cam", ["--threshold", "nan"]),
     ("cam", ["--start-layer", "1.5"]),
-    ("pseudo", ["--bg-threshold", "-0.1"]),
+    ("pseudo", ["--threshold", "-0.1"]),
     ("pseudo", ["--two-thresholds", "0.55", "1.2"]),
     ("pseudo", ["--psa-alpha", "0"]),
     ("pseudo-rule", ["--scale", "0"]),
@@ -272,3 +281,32 @@ def test_out_of_range_values_are_usage_errors_naming_the_flag(command, bad, tmp_
 def test_in_range_values_parse(command, good, tmp_path):
     args = build_parser([_usage(command, tmp_path)[0]]).parse_args([*_usage(command, tmp_path), *good])
     assert callable(args.func)
+
+
+BAR_AND_LOG = """
+import logging, sys
+from tqdm import tqdm
+import wsss.cli.methods as command
+
+def run(args):  # a command that logs while its progress bar is drawn
+    bar = tqdm(total=2, desc="work", file=sys.stderr)
+    bar.update(1)
+    logging.getLogger("wsss.test").info("a log line")
+    bar.update(1)
+    bar.close()
+    return 0
+
+command.run = run
+from wsss.cli.main import main
+sys.exit(main(["methods"]))
+"""
+
+
+def test_log_lines_do_not_break_the_progress_bar():
+    result = subprocess.run([sys.executable, "-c", BAR_AND_LOG], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stderr.split("\n") if "a log line" in line]
+    # tqdm.write clears the bar first (a carriage return), so the line ends as the log line alone; logging
+    # straight to stderr would append it to the bar's text ("work:  50%|...| 1/2 [...]INFO a log line").
+    assert line.split("\r")[-1] == "INFO a log line"
+    assert "work: 100%" in result.stderr  # the bar is still drawn

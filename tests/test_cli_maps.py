@@ -6,14 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from matplotlib import colormaps
 from PIL import Image
 
 from wsss.cli.main import main
+from wsss.cli.maps import TILE
 from wsss.data.io import load_maps, read_image
 from wsss.data.transforms import eval_transforms
 from wsss.localize import localize
 from wsss.models import create_model
 from wsss.models.checkpoint import describe, save
+from wsss.visualize import grid_cell, label_tile
 
 HORSES = ["horse001", "horse002", "horse003", "horse004"]
 
@@ -39,8 +42,12 @@ def test_an_imagenet_classifier_localises_the_horse_zero_shot(shared_data, vit_t
         outside.append(maps[0][mask == 0].mean())
         labels = np.asarray(Image.open(out / "labels" / f"{horse}.png"))
         assert set(np.unique(labels).tolist()) <= {0, 1} and labels.shape == mask.shape
-        picture = np.asarray(Image.open(out / f"{horse}.png"))
+        picture = np.asarray(Image.open(out / f"{horse}.png").convert("RGB"))
         assert picture.shape[0] >= 256 and picture.shape[1] >= 2 * 256  # the image and one heat map
+        top, left = grid_cell(0, 2, TILE)  # then the label map, nearest neighbours in the legend's colours
+        np.testing.assert_array_equal(picture[top:top + TILE, left:left + TILE], label_tile(labels, TILE))
+        bar = picture[top:top + TILE, grid_cell(0, 3, TILE)[1]:]  # the colour bar on the right: jet's red at 1
+        assert (bar == (np.asarray(colormaps["jet"](1.0)[:3]) * 255).round().astype(np.uint8)).all(-1).any()
     assert np.mean(inside) > 2 * np.mean(outside)  # the map is on the horse
 
 

@@ -183,6 +183,13 @@ def test_demo_runs_the_pipeline_and_writes_report_and_results(tmp_path):
     from PIL import Image
 
     assert Image.open(out / "maps_baseline.png").size[1] > 3 * 192
+    from wsss.visualize import grid_cell, label_tile
+
+    # The pseudo-label picture: the ground truth of the first train image, in the palette, nearest neighbours.
+    labels_picture = np.asarray(Image.open(out / "pseudo_labels.png").convert("RGB"))
+    top, left = grid_cell(0, 1)
+    np.testing.assert_array_equal(labels_picture[top:top + 192, left:left + 192],
+                                  label_tile(VOCDataset(out / "data", "train").load_mask(0), 192))
     # A rerun resumes (nothing to do); other settings in the same folder are refused.
     assert main(["demo", "--out", str(out), "--steps", "3", "--num-train", "40", "--num-val", "4"]) == 0
     assert main(["demo", "--out", str(out), "--steps", "5", "--num-train", "40", "--num-val", "4"]) == 2

@@ -82,7 +82,7 @@ def _image(dataset, image_id) -> np.ndarray:
 
 
 def test_threshold_labels_are_scored_perfectly_and_resume(dataset, capsys):
-    assert _run(dataset, "--bg-threshold", "0.5") == 0
+    assert _run(dataset, "--threshold", "0.5") == 0
     for image_id in IDS:
         assert np.array_equal(read_mask(dataset["out"] / f"{image_id}.png", 3), _truth(image_id))
     from wsss.evaluate import evaluate_split
@@ -93,7 +93,7 @@ def test_threshold_labels_are_scored_perfectly_and_resume(dataset, capsys):
     before = {i: (dataset["out"] / f"{i}.png").stat().st_mtime_ns for i in IDS}
     (dataset["out"] / "b.png").unlink()
     capsys.readouterr()
-    _run(dataset, "--bg-threshold", "0.5")
+    _run(dataset, "--threshold", "0.5")
     assert "wrote 1 pseudo labels" in capsys.readouterr().out
     after = {i: (dataset["out"] / f"{i}.png").stat().st_mtime_ns for i in IDS}
     assert after["a"] == before["a"] and after["c"] == before["c"]
@@ -141,7 +141,7 @@ def test_affinity_refinement_reads_per_image_affinities(dataset):
     for image_id in IDS:
         affinities[image_id] = rng.random((12, 12)).astype(np.float32)
         np.savez(aff_dir / f"{image_id}.npz", affinity=affinities[image_id], grid=np.array([3, 4]))
-    _run(dataset, "--bg-threshold", "0.5", "--refine", "affinity", "--affinity", str(aff_dir),
+    _run(dataset, "--threshold", "0.5", "--refine", "affinity", "--affinity", str(aff_dir),
          "--affinity-power", "2", out=dataset["tmp"] / "walk")
     for image_id in IDS:
         maps_t, classes = _stored_maps(dataset, image_id)
@@ -151,7 +151,7 @@ def test_affinity_refinement_reads_per_image_affinities(dataset):
         assert np.array_equal(_labels(dataset, "walk", image_id), expected.numpy())
     np.savez(aff_dir / "a.npz", affinity=np.ones((5, 5)), grid=np.array([3, 4]))
     with pytest.raises(DataError, match=r"a\.npz.*not \(N, N\)"):
-        _run(dataset, "--bg-threshold", "0.5", "--refine", "affinity", "--affinity", str(aff_dir),
+        _run(dataset, "--threshold", "0.5", "--refine", "affinity", "--affinity", str(aff_dir),
              out=dataset["tmp"] / "walk2")
 
 
@@ -174,28 +174,28 @@ def test_workers_write_the_same_files_and_report_errors(dataset):
 def test_bad_inputs_are_data_errors(dataset):
     (dataset["maps"] / "c.npz").unlink()
     with pytest.raises(DataError, match=r"c\.npz: maps file not found"):
-        _run(dataset, "--bg-threshold", "0.5")
+        _run(dataset, "--threshold", "0.5")
     save_maps(dataset["maps"] / "c.npz", np.zeros((1, H, W), np.float32), [7])
     with pytest.raises(DataError, match=r"c\.npz.*outside the dataset's 3"):
-        _run(dataset, "--bg-threshold", "0.5")
+        _run(dataset, "--threshold", "0.5")
     save_maps(dataset["maps"] / "c.npz", np.zeros((1, H, W), np.float32), [0])
     with pytest.raises(DataError, match=r"c\.npz.*background label 0"):
-        _run(dataset, "--bg-threshold", "0.5")
+        _run(dataset, "--threshold", "0.5")
     save_maps(dataset["maps"] / "c.npz", np.zeros((1, H // 2, W // 2), np.float32), [2])
     with pytest.raises(DataError, match=r"c\.npz: maps are 12x16 but image 'c' is 24x32"):
-        _run(dataset, "--bg-threshold", "0.5")
+        _run(dataset, "--threshold", "0.5")
     assert not (dataset["out"] / "c.png").exists()
 
 
 def test_bad_options_are_config_errors(dataset):
     with pytest.raises(ConfigError, match="needs --affinity DIR"):
-        _run(dataset, "--bg-threshold", "0.5", "--refine", "affinity")
+        _run(dataset, "--threshold", "0.5", "--refine", "affinity")
     with pytest.raises(ConfigError, match="only used with --completion"):
-        _run(dataset, "--bg-threshold", "0.5", "--saliency", str(dataset["tmp"]))
+        _run(dataset, "--threshold", "0.5", "--saliency", str(dataset["tmp"]))
     with pytest.raises(ConfigError, match="CRF"):
         _run(dataset, "--completion", "--refine", "crf")
     with pytest.raises(SystemExit):  # the rules exclude each other
-        _run(dataset, "--bg-threshold", "0.5", "--psa-alpha", "1")
+        _run(dataset, "--threshold", "0.5", "--psa-alpha", "1")
 
 
 def test_a_method_recipe_gives_the_rule_and_refinement(dataset):
@@ -224,7 +224,7 @@ def test_a_method_recipe_writes_what_its_flags_write(dataset):
     recipe = REGISTRY.get("baseline").pseudo
     assert recipe.rule == "threshold"
     _run(dataset, "--method", "baseline", out=dataset["tmp"] / "recipe")
-    _run(dataset, "--bg-threshold", str(recipe.params["bg_threshold"]), "--refine", recipe.refine,
+    _run(dataset, "--threshold", str(recipe.params["bg_threshold"]), "--refine", recipe.refine,
          "--iterations", str(recipe.iterations), out=dataset["tmp"] / "flags")
     for image_id in IDS:
         assert np.array_equal(_labels(dataset, "recipe", image_id), _labels(dataset, "flags", image_id))
@@ -233,15 +233,40 @@ def test_a_method_recipe_writes_what_its_flags_write(dataset):
 def test_exactly_one_rule_or_method(dataset, capsys):
     with pytest.raises(SystemExit):
         _parse(dataset)
-    assert "one of the arguments --method --bg-threshold" in capsys.readouterr().err
+    assert "one of the arguments --method --threshold" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        _parse(dataset, "--method", "baseline", "--bg-threshold", "0.5")
+        _parse(dataset, "--method", "baseline", "--threshold", "0.5")
     assert "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the segmentation stage has no pseudo-label recipe
         _parse(dataset, "--method", "segmentation")
 
 
 def test_limit_labels_the_first_images(dataset, capsys):
-    assert _run(dataset, "--bg-threshold", "0.5", "--limit", "2") == 0
+    assert _run(dataset, "--threshold", "0.5", "--limit", "2") == 0
     assert sorted(p.stem for p in dataset["out"].glob("*.png")) == list(IDS[:2])
     assert "wrote 2 pseudo labels" in capsys.readouterr().out
+
+
+def test_threshold_is_the_rule_flag_and_the_old_spelling_warns(dataset):
+    new = pseudo_cli.settings_from_args(_parse(dataset, "--threshold", "0.4"), 3, True)
+    with pytest.warns(FutureWarning, match="--bg-threshold is deprecated and will be removed; use --threshold"):
+        old = pseudo_cli.settings_from_args(_parse(dataset, "--bg-threshold", "0.4"), 3, True)
+    assert old == new and new.rule == "threshold" and new.bg_threshold == 0.4
+    with pytest.raises(SystemExit):  # the old spelling is in the rule group too: one rule only
+        _parse(dataset, "--method", "baseline", "--bg-threshold", "0.5")
+
+
+def test_crf_is_chosen_as_in_predict(dataset):
+    """``--crf-preset P`` alone turns the CRF on (as in ``wsss predict``); with another refinement it is an error."""
+    alone = pseudo_cli.settings_from_args(_parse(dataset, "--threshold", "0.4", "--crf-preset", "aream"), 3, True)
+    spelled = pseudo_cli.settings_from_args(_parse(dataset, "--threshold", "0.4", "--refine", "crf", "--crf-preset",
+                                                   "aream"), 3, True)
+    assert alone == spelled and (alone.refine, alone.crf) == ("crf", "aream")
+    recipe = pseudo_cli.settings_from_args(_parse(dataset, "--method", "aream", "--crf-preset", "psa"), 3, True)
+    assert (recipe.refine, recipe.crf) == ("crf", "psa")
+    with pytest.raises(ConfigError, match="--crf-preset psa sets the dense CRF, but --refine is par"):
+        pseudo_cli.settings_from_args(_parse(dataset, "--threshold", "0.4", "--refine", "par", "--crf-preset",
+                                             "psa"), 3, True)
+    with pytest.warns(FutureWarning, match="--crf is deprecated"):
+        old = pseudo_cli.settings_from_args(_parse(dataset, "--threshold", "0.4", "--crf", "aream"), 3, True)
+    assert old == alone

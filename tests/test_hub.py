@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from wsss.data.io import current_umask
 from wsss.errors import CheckpointError
 from wsss.models import hub
 from wsss.models.hub import Source, resolve_pretrained, split_name
@@ -280,6 +281,7 @@ def test_url_download_into_the_cache_then_served_from_it(monkeypatch, tmp_path):
     assert (got.path, got.origin) == (cache / "weights_test.pth", "url_download")
     assert got.path.read_bytes() == payload.read_bytes()
     assert sorted(p.name for p in cache.iterdir()) == ["weights_test.pth"]  # no temporary file left
+    assert got.path.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # not mkstemp's 0600
     payload.unlink()  # the server is gone: the cache answers
     assert resolve_pretrained(name, cache_dir=cache).origin == "url_cache"
 

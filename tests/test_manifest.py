@@ -89,7 +89,7 @@ def _pngs(folder: Path) -> dict[str, bytes]:
 
 
 def test_ground_truth_left_in_out_is_replaced_and_never_scored(voc, caplog):
-    rule = ("--bg-threshold", "0.8")  # every pixel background: far from the truth
+    rule = ("--threshold", "0.8")  # every pixel background: far from the truth
     clean, dirty = voc["tmp"] / "clean", voc["tmp"] / "dirty"
     assert _pseudo(voc, clean, *rule) == 0
     assert _eval(voc, clean) == 0
@@ -118,13 +118,13 @@ def test_ground_truth_left_in_out_is_replaced_and_never_scored(voc, caplog):
 
 def test_other_settings_are_an_error_naming_the_key_until_overwrite(voc, capsys):
     out = voc["tmp"] / "out"
-    assert _pseudo(voc, out, "--bg-threshold", "0.5") == 0
+    assert _pseudo(voc, out, "--threshold", "0.5") == 0
     first = _pngs(out)
     assert all(np.array_equal(read_mask(out / f"{i}.png"), _truth(i)) for i in IDS)
     (out / "notes.txt").write_text("mine")  # not an output: --overwrite leaves it alone
     capsys.readouterr()
 
-    assert _pseudo(voc, out, "--bg-threshold", "0.7") == 2
+    assert _pseudo(voc, out, "--threshold", "0.7") == 2
     err = capsys.readouterr().err
     assert "bg_threshold: 0.5 -> 0.7" in err and "--overwrite" in err and err.count("\n") == 1
     assert _pseudo(voc, out, "--psa-alpha", "4") == 2
@@ -134,7 +134,7 @@ def test_other_settings_are_an_error_naming_the_key_until_overwrite(voc, capsys)
     assert 'refine: "none" -> "par"' in err and "bg_threshold: 0.5 -> 0.4" in err  # baseline's recipe
     assert _pngs(out) == first
 
-    assert _pseudo(voc, out, "--bg-threshold", "0.7", "--overwrite") == 0
+    assert _pseudo(voc, out, "--threshold", "0.7", "--overwrite") == 0
     changed = _pngs(out)
     assert changed.keys() == first.keys() and changed != first
     assert (out / "notes.txt").read_text() == "mine"
@@ -143,7 +143,7 @@ def test_other_settings_are_an_error_naming_the_key_until_overwrite(voc, capsys)
     assert sorted(record["files"]) == [f"{i}.png" for i in IDS]
     # The same settings again: a resume that writes nothing.
     capsys.readouterr()
-    assert _pseudo(voc, out, "--bg-threshold", "0.7") == 0
+    assert _pseudo(voc, out, "--threshold", "0.7") == 0
     assert "wrote 0 pseudo labels" in capsys.readouterr().out and _pngs(out) == changed
 
 
@@ -154,14 +154,14 @@ def test_out_in_the_dataset_folders_is_refused(voc, capsys):
     root = voc["root"]
     truth = _pngs(root / "SegmentationClass")
     for out in (root / "SegmentationClass", root / "SegmentationClass" / "sub", root / "JPEGImages"):
-        assert _pseudo(voc, out, "--bg-threshold", "0.8") == 2
+        assert _pseudo(voc, out, "--threshold", "0.8") == 2
         err = capsys.readouterr().err
         assert str(out.parent if out.name == "sub" else out) in err and "dataset folder" in err
     link = voc["tmp"] / "link"
     link.symlink_to(root / "SegmentationClass")
-    assert _pseudo(voc, link, "--bg-threshold", "0.8") == 2
+    assert _pseudo(voc, link, "--threshold", "0.8") == 2
     assert str(root / "SegmentationClass") in capsys.readouterr().err
-    assert _pseudo(voc, voc["maps"], "--bg-threshold", "0.8") == 2
+    assert _pseudo(voc, voc["maps"], "--threshold", "0.8") == 2
     assert "--maps folder" in capsys.readouterr().err
     assert _pngs(root / "SegmentationClass") == truth
     assert not (root / "SegmentationClass" / MANIFEST_NAME).exists()
@@ -181,7 +181,7 @@ def test_eval_refuses_ground_truth(voc, capsys):
     assert _eval(voc, marked) == 2
     assert "ground truth" in capsys.readouterr().err and not (marked / "metrics.json").exists()
     # ...and no output command writes into it.
-    assert _pseudo(voc, marked, "--bg-threshold", "0.8", "--overwrite") == 2
+    assert _pseudo(voc, marked, "--threshold", "0.8", "--overwrite") == 2
     assert "ground truth" in capsys.readouterr().err
     assert _pngs(marked) == _pngs(root / "SegmentationClass")
 
@@ -293,7 +293,7 @@ def test_pseudo_notices_new_maps_under_the_same_folder(synth, tmp_path, capsys):
     maps, labels = tmp_path / "maps", tmp_path / "labels"
     assert main(_cam_argv(synth, maps, "--method", "cam")) == 0
     pseudo = ["pseudo", "--maps", str(maps), "--data", str(synth["data"]), "--split", "val", "--out", str(labels),
-              "--bg-threshold", "0.4"]
+              "--threshold", "0.4"]
     assert main(pseudo) == 0
     assert main(_cam_argv(synth, maps, "--method", "gradcam", "--overwrite")) == 0
     capsys.readouterr()

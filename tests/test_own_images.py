@@ -80,7 +80,7 @@ def test_check_data_train_cam_and_pseudo_on_your_own_images(photos, tmp_path, ca
         png = np.asarray(Image.open(maps / "labels" / f"{image_id}.png"))
         assert png.shape == m.shape[1:] and set(np.unique(png).tolist()) <= {0, *classes}
     pseudo = tmp_path / "pseudo"
-    assert main(["pseudo", "--checkpoint", str(run), "--data", str(photos), "--bg-threshold", "0.3", "--out",
+    assert main(["pseudo", "--checkpoint", str(run), "--data", str(photos), "--threshold", "0.3", "--out",
                  str(pseudo), "--device", "cpu"]) == 0
     assert len(list(pseudo.rglob("*.png"))) == 5
     # A labelled image that is missing is a problem check-data names (exit 1).

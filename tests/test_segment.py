@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from wsss.cli.main import main
 from wsss.data.io import read_mask, write_mask
@@ -307,13 +308,63 @@ def test_predict_cli_writes_labels_and_resumes(trained, synth, tmp_path):
     assert json.loads((out / "wsss-manifest.json").read_text())["settings"]["scales"] == [1.0]
 
 
-def test_predict_with_crf(trained, synth, tmp_path):
+def test_predict_with_crf(trained, synth, tmp_path, capsys):
     pytest.importorskip("pydensecrf.densecrf")
     out = tmp_path / "crf"
     common = ["--checkpoint", str(trained), "--split", "val", "--device", "cpu"]
-    assert _predict(*common, "--data", str(synth), "--out", str(out), "--crf", "getam") == 0
+    assert _predict(*common, "--data", str(synth), "--out", str(out), "--crf-preset", "getam") == 0
     labels = [read_mask(p) for p in sorted(out.glob("*.png"))]
     assert len(labels) == 3 and all(lab.max() < 5 for lab in labels)
+    assert json.loads((out / "wsss-manifest.json").read_text())["settings"]["crf"] == "getam"
+    # The old spelling still works, with a warning, and is the same setting: the folder resumes.
+    capsys.readouterr()
+    with pytest.warns(FutureWarning, match="--crf is deprecated and will be removed; use --crf-preset"):
+        assert _predict(*common, "--data", str(synth), "--out", str(out), "--crf", "getam") == 0
+    assert "wrote 0 label PNGs to" in capsys.readouterr().out  # all 3 kept: the same settings
+
+
+@pytest.mark.parametrize("flags, preset", [([], None), (["--refine", "none"], None), (["--refine", "crf"], "psa"),
+                                           (["--crf-preset", "getam"], "getam"),
+                                           (["--refine", "crf", "--crf-preset", "aream"], "aream")])
+def test_predict_chooses_the_crf_as_pseudo_does(flags, preset, tmp_path):
+    from wsss.cli import predict as predict_cli
+    from wsss.cli.main import build_parser
+
+    args = build_parser(["predict"]).parse_args(["predict", "--checkpoint", "c", "--data", "d", "--out", "o", *flags])
+    assert predict_cli.crf_preset(args) == preset
+
+
+def test_predict_refuses_a_crf_preset_with_no_crf(trained, synth, tmp_path, capsys):
+    assert _predict("--checkpoint", str(trained), "--data", str(synth), "--split", "val", "--out",
+                    str(tmp_path / "o"), "--refine", "none", "--crf-preset", "psa") == 2
+    assert "--crf-preset psa sets the dense CRF, but --refine is none" in capsys.readouterr().err
+
+
+def test_predict_show_writes_a_titled_picture_per_image(trained, synth, tmp_path):
+    from wsss.cli.predict import SHOW_TILE
+    from wsss.visualize import class_legend, grid_cell, label_tile
+
+    out = tmp_path / "pred"
+    assert _predict("--checkpoint", str(trained), "--data", str(synth), "--split", "val", "--out", str(out),
+                    "--device", "cpu", "--show") == 0
+    ds = VOCDataset(synth, "val")
+    assert sorted(p.stem for p in (out / "show").glob("*.png")) == sorted(ds.ids)
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(ds.ids)  # the label PNGs are where they were
+    for i, image_id in enumerate(ds.ids):
+        picture = np.asarray(Image.open(out / "show" / f"{image_id}.png").convert("RGB"))
+        cells = []
+        for column in range(3):  # image | ground truth | prediction
+            top, left = grid_cell(0, column, SHOW_TILE)
+            cells.append(picture[top:top + SHOW_TILE, left:left + SHOW_TILE])
+        np.testing.assert_array_equal(cells[1], label_tile(ds.load_mask(i), SHOW_TILE))
+        prediction = read_mask(out / f"{image_id}.png")
+        np.testing.assert_array_equal(cells[2], label_tile(prediction, SHOW_TILE))
+        # The legend below shows every class drawn, in the colours drawn.
+        legend_area = picture[grid_cell(1, 0, SHOW_TILE)[0] - 30:]
+        names = ds.classes.names
+        for _, colour in class_legend(names, ignore=False, only=np.unique(np.concatenate(
+                [prediction.ravel(), ds.load_mask(i).ravel()]))):
+            assert (legend_area == colour).all(axis=-1).sum() >= 100, colour
 
 
 def test_predict_refuses_a_dataset_with_other_classes(trained, synth, tmp_path, capsys):

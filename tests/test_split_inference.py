@@ -205,7 +205,7 @@ def test_torchrun_two_ranks_write_the_files_of_one_process(msrc_subset, classifi
 def test_pseudo_straight_from_a_checkpoint_equals_pseudo_from_map_files(msrc_subset, classifier, tmp_path):
     path, _ = classifier
     assert main(_cam(path, msrc_subset, tmp_path / "maps", "--map-resolution", "full")) == 0
-    common = ["pseudo", "--data", str(msrc_subset), "--split", "val", "--bg-threshold", "0.3", "--refine", "pamr"]
+    common = ["pseudo", "--data", str(msrc_subset), "--split", "val", "--threshold", "0.3", "--refine", "pamr"]
     assert main([*common, "--maps", str(tmp_path / "maps"), "--out", str(tmp_path / "from_files")]) == 0
     assert main([*common, "--checkpoint", str(path), "--map-method", "getam", "--out", str(tmp_path / "direct"),
                  "--device", "cpu"]) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -15,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
+from wsss.data.io import voc_palette, write_mask
 from wsss.data.synth import make_synthetic
 from wsss.data.voc import VOCDataset
 from wsss.errors import CheckpointError, ConfigError
@@ -28,8 +31,8 @@ from wsss.train.checkpoint import CheckpointManager
 from wsss.train.config import dump_config
 from wsss.train.objectives import build_objective
 from wsss.train.optim import build_optimizer, lr_factor, param_groups
-from wsss.train.validate import map_grid, maps_sweep, sweep_result
-from wsss.visualize import colorize
+from wsss.train.validate import labels_grid, map_grid, maps_sweep, sweep_result
+from wsss.visualize import grid_cell, label_tile, overlay, resize_tile
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,34 +192,76 @@ def test_validation_map_keeps_the_best_model_across_a_resume(synth, tmp_path):
     assert resumed.best_val >= max(vals)
 
 
-def test_tensorboard_gets_scalars_and_map_grid(synth, tmp_path):
+def _tb_images(run: Path) -> dict[str, np.ndarray]:
+    """The last picture of every image tag in the run's TensorBoard events, decoded."""
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    run = tmp_path / "run"
-    Trainer(load_config(None, tiny_overrides(synth, run, "train.steps=2", "val.every=2", "val.images=3"))).fit()
     acc = event_accumulator.EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
     acc.Reload()
+    return {tag: np.asarray(Image.open(io.BytesIO(acc.Images(tag)[-1].encoded_image_string)).convert("RGB"))
+            for tag in acc.Tags()["images"]}
+
+
+def test_tensorboard_gets_scalars_and_titled_grids_of_maps_and_pseudo_labels(synth, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(None, tiny_overrides(synth, run, "train.steps=2", "val.every=2", "val.images=3")))
+    summary = trainer.fit()
+    acc = event_accumulator.EventAccumulator(str(run / "tb"))
+    acc.Reload()
     assert {"loss", "lr", "val_miou", "images_per_s"} <= set(acc.Tags()["scalars"])
-    [image] = acc.Images("val/cam")
-    assert (image.height, image.width) == (3 * 128, 4 * 128)
+    images = _tb_images(run)
+    assert set(images) == {"val/cam"}
+    # The logged grid is map_grid of the final model: input, ground truth, pseudo label, a heat map per class.
+    trainer.model.eval()
+    expected = map_grid(trainer.model, trainer.val_dataset, range(3), "cam", threshold=summary["val"]["threshold"],
+                        device="cpu")
+    np.testing.assert_array_equal(images["val/cam"], expected)
+    top, left = grid_cell(0, 3)
+    assert expected.shape[0] >= 3 * 192 and (expected[top:top + 192, left:left + 192] != 255).any()  # a heat map
+
+
+def test_a_run_on_pseudo_labels_shows_them_in_tensorboard(synth, tmp_path):
+    pseudo = tmp_path / "pseudo"
+    dataset = VOCDataset(synth, "train")
+    for i, image_id in enumerate(dataset.ids):  # "pseudo labels": the true masks with an unlabelled border
+        mask = dataset.load_mask(i).copy()
+        mask[:4] = 255
+        write_mask(pseudo / f"{image_id}.png", mask)
+    run = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides(synth, run, "train.steps=1", f"data.mask_dir={pseudo}",
+                                             "val.images=2"))).fit()
+    images = _tb_images(run)
+    np.testing.assert_array_equal(images["train/pseudo_labels"],
+                                  labels_grid(dataset, {"pseudo label": pseudo}, range(2)))
+    top, left = grid_cell(0, 2)  # the pseudo-label cell: the border drawn in the void colour
+    assert (images["train/pseudo_labels"][top:top + 12, left:left + 192] == voc_palette()[255]).all()
 
 
 def test_map_grid_cells(synth):
-    """Ground-truth cell = the coloured mask upsampled 4x; pseudo-label cell = the maps thresholded."""
+    """Ground truth and pseudo label in the palette (nearest neighbours), then one heat map per class."""
     dataset = VOCDataset(synth, "val")
     torch.manual_seed(0)
     model = create_model("vit_nano_patch16", num_classes=4).eval()
     grid = map_grid(model, dataset, [1], "cam", threshold=0.3)
     mask = dataset.load_mask(1)
-    assert grid.shape == (128, 512, 3)
-    np.testing.assert_array_equal(grid[:, 128:256], colorize(mask).repeat(4, axis=0).repeat(4, axis=1))
     from wsss.localize.split import iter_split_maps
     [(_, maps, labels)] = list(iter_split_maps(model, dataset, "cam", indices=[1]))
+
+    def cell(c: int) -> np.ndarray:
+        top, left = grid_cell(0, c)
+        return grid[top:top + 192, left:left + 192]
+
+    np.testing.assert_array_equal(cell(0), resize_tile(dataset.load_image(1), 192))
+    np.testing.assert_array_equal(cell(1), label_tile(mask, 192))
     # The rule by hand: the first class above 0.3 in ascending label order, else background.
     order = np.argsort(labels)
     stacked = np.concatenate([np.full((1,) + maps.shape[1:], 0.3, np.float32), maps[order]])
     pseudo = np.concatenate([[0], np.asarray(labels)[order]])[stacked.argmax(axis=0)]
     assert 0 < (pseudo > 0).mean() < 1
-    np.testing.assert_array_equal(grid[:, 256:384], colorize(pseudo).repeat(4, axis=0).repeat(4, axis=1))
+    np.testing.assert_array_equal(cell(2), label_tile(pseudo, 192))
+    for k, m in enumerate(maps):
+        np.testing.assert_array_equal(cell(3 + k), resize_tile(overlay(dataset.load_image(1), m), 192))
+    assert grid.shape[1] > grid_cell(0, 3 + len(maps))[1]  # the colour bar on the right
 
 
 def test_validation_shards_add_up(synth):
@@ -609,3 +654,31 @@ def test_head_learning_rate_applies_to_heads_only_also_inside_a_segmentation_mod
         trunk = name.startswith(("encoder.blocks.", "encoder.patch_embed.", "encoder.pos_embed", "encoder.cls_token",
                                  "encoder.norm."))
         assert (id(p) in fast) != trunk, name
+
+
+def test_train_says_where_it_writes_and_what_it_trains_on(synth, tmp_path, caplog):
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="wsss"):
+        Trainer(load_config(None, tiny_overrides(synth, run, "train.steps=1", "val.every=1"))).fit()
+    first = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("run folder"))
+    assert first == (f"run folder {run.resolve()}: 24 training images (split 'train' of {synth}, 5 classes), steps 0 "
+                     f"to 1, global batch 4; validating on 4 images of 'val' every 1 steps")
+    assert first in (run / "train.log").read_text()
+
+
+def test_resuming_a_finished_run_keeps_its_summary_and_files(synth, tmp_path, caplog):
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(synth, run, "train.steps=2", "val.every=2"))
+    summary = Trainer(cfg).fit()
+    saved = (run / "summary.json").read_bytes()
+    assert json.loads(saved)["step"] == 2 and "miou" in json.loads(saved)["val"]
+    stamps = {p: p.stat().st_mtime_ns for p in [run / "model.safetensors", *run.glob("checkpoints/*/*")]}
+    with caplog.at_level(logging.INFO, logger="wsss"):
+        again = Trainer(cfg).fit(resume=True)
+    assert (run / "summary.json").read_bytes() == saved  # not replaced by an empty summary
+    assert again == json.loads(saved) and again["val"]["miou"] == pytest.approx(summary["val"]["miou"])
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing rewritten
+    assert "finished at step 2 already; nothing to do" in caplog.text
+    # More steps on the same run do train, and write their own summary.
+    more = Trainer(load_config(None, tiny_overrides(synth, run, "train.steps=3", "val.every=2"))).fit(resume=True)
+    assert more["step"] == 3 and json.loads((run / "summary.json").read_text())["step"] == 3

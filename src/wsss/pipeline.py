@@ -12,7 +12,9 @@ For each method (any registered in ``wsss methods``; plug-ins included):
    against the train masks as the mIoU over the pixels they label and the fraction of the labelled ground-truth
    pixels they label (coverage). A threshold rule uses the best threshold of the train sweep;
 5. **segmentation**: the ``segment_<recipe>`` preset trained on those pseudo labels, scored on the eval split
-   (every method's, only the best pseudo labels', or none: :attr:`PipelineSettings.segment`).
+   (every method's, only the best pseudo labels', or none: :attr:`PipelineSettings.segment`). A method that trains
+   a segmentation model itself (GETAM end to end) also gets ``own_segment_eval``: that model's output on the eval
+   split (the single-stage result).
 
 References in the same run: the segmentation preset trained on the true train masks (``supervised``) and the two
 priors of :mod:`wsss.evaluate.priors`. All numbers are fractions in [0, 1]:
@@ -44,7 +46,7 @@ from .evaluate import ConfusionMatrix
 from .evaluate.priors import centre_prior, mean_mask_prior, new_sweep
 from .localize.split import iter_split_maps
 from .methods import REGISTRY, Method, get_method
-from .models import SegmentationModel
+from .models.segmenter import Segmenter
 from .models.checkpoint import MODEL_FILE
 from .pseudo.generate import PseudoSettings, pseudo_label_for
 from .segment.predict import predict_split
@@ -161,7 +163,7 @@ def train_run(preset: str, run_dir: Path, settings: PipelineSettings, overrides:
 
 def classifier_of(model: torch.nn.Module) -> torch.nn.Module:
     """The ViT with its classifier (an end-to-end method trains a segmentation model around it)."""
-    return model.encoder if isinstance(model, SegmentationModel) else model
+    return model.encoder if isinstance(model, Segmenter) else model
 
 
 def view_options(trainer: Trainer) -> dict[str, Any]:
@@ -235,12 +237,16 @@ def segment_and_score(settings: PipelineSettings, run_dir: Path, mask_dir: Path 
     """Train the segmentation preset on ``mask_dir`` (None: the true masks) and score it on the eval split."""
     overrides = list(settings.segment_overrides) + ([f"data.mask_dir={mask_dir}"] if mask_dir is not None else [])
     trainer = train_run(settings.segment_preset or f"segment_{settings.recipe_name}", run_dir, settings, overrides)
-    pred_dir = run_dir / f"pred_{settings.eval_split}"
+    return {"segment_eval": segmentation_miou(trainer, eval_set, run_dir / f"pred_{settings.eval_split}")}
+
+
+def segmentation_miou(trainer: Trainer, eval_set: VOCDataset, pred_dir: Path) -> float:
+    """The mIoU on ``eval_set`` of the segmentation model ``trainer`` trained (predictions written to ``pred_dir``)."""
     predict_split(trainer.model, eval_set, pred_dir, mean=trainer.mean, std=trainer.std, device=trainer.device)
     matrix = ConfusionMatrix(eval_set.classes.num_classes, class_names=eval_set.classes.names)
     for i, image_id in enumerate(eval_set.ids):
         matrix.update(read_mask(pred_dir / f"{image_id}.png"), eval_set.load_mask(i))
-    return {"segment_eval": float(matrix.compute()["miou"])}
+    return float(matrix.compute()["miou"])
 
 
 def pseudo_score(row: dict[str, Any]) -> float:
@@ -306,6 +312,9 @@ def run_pipeline(settings: PipelineSettings,
                                          lambda: pseudo_labels(method, train_set, run / "maps_train",
                                                                run / "pseudo_train", seed_train["threshold"]))
         row["segment_eval"] = None
+        if isinstance(trainer.model, Segmenter):  # an end-to-end method (GETAM): its own single-stage output
+            row["own_segment_eval"] = stages.run(f"{method.name}/own_segment", lambda: segmentation_miou(
+                trainer, eval_set, run / f"own_pred_{settings.eval_split}"))
         if settings.segment == "all":
             row.update(stages.run(f"{method.name}/segment",
                                   lambda: segment_and_score(settings, run / "segment", run / "pseudo_train", eval_set)))

@@ -23,19 +23,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ..data.io import read_mask, write_bytes_atomic
+from ..data.io import write_bytes_atomic
 from ..data.synth import make_synthetic
 from ..data.voc import VOCDataset
 from ..errors import ConfigError
-from ..localize.split import iter_split_maps
 from ..methods import get_method
 from ..models import checkpoint
 from ..pipeline import PipelineSettings, classifier_of, results_table, run_pipeline
-from ..pseudo.labels import maps_to_labels
 from ..settings import changed_settings, describe_changes
-from ..visualize import class_legend, colorize, overlay, titled_grid
+from ..train.validate import labels_grid, map_grid
+from ..visualize import save_picture
 from . import options
 
 SYNTH = {"size": 64, "num_train": 320, "num_val": 60, "num_classes": 4, "seed": 0, "bias": 0.8, "parts": 0.4,
@@ -43,6 +41,19 @@ SYNTH = {"size": 64, "num_train": 320, "num_val": 60, "num_classes": 4, "seed": 
 METHODS = ("baseline", "acr", "aream", "getam")  # the baseline first: the others continue from it
 PICTURE_IMAGES = 3
 TILE = 192
+# The report's last section: the same steps on the user's data (tests/test_readme_commands.py parses each).
+NEXT_STEPS = (
+    "wsss check-data --data ROOT --split train       # a VOC-layout folder: JPEGImages, SegmentationClass or labels, "
+    "ImageSets/Segmentation, classes.txt",
+    "wsss train --config acr_msrc data.root=ROOT run_dir=runs/acr model.weights=VIT.safetensors",
+    "wsss cam --checkpoint runs/acr --data ROOT --split train --method acr --out runs/acr/maps",
+    "wsss pseudo --method acr --maps runs/acr/maps --data ROOT --split train --out runs/acr/pseudo"
+    "   # its own rule and refinement",
+    "wsss eval --data ROOT --split train --pred runs/acr/pseudo      # when ROOT has some true masks",
+    "wsss train --config segment_msrc data.root=ROOT data.mask_dir=runs/acr/pseudo run_dir=runs/seg",
+    "wsss predict --checkpoint runs/seg --data ROOT --split val --out runs/seg/pred --show",
+    "python benchmarks/pipeline.py --data ROOT --recipe msrc --out pipeline.json   # all of it, every method",
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -154,42 +165,21 @@ def findings(results: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _heat_cells(image: np.ndarray, maps: np.ndarray, labels: np.ndarray, names: list[str]) -> list[tuple[str, np.ndarray]]:
-    return [(f"map: {names[int(c)]}", overlay(image, m)) for m, c in zip(maps, labels)]
-
-
 def maps_picture(run_dir: Path, method: str, dataset: VOCDataset, threshold: float | None,
                  device: torch.device) -> np.ndarray:
-    """Rows of val images: input, ground truth, the label map of the method's own maps, a heat map per class."""
+    """Rows of val images (:func:`wsss.train.validate.map_grid`, as TensorBoard shows them): input, ground truth,
+    the label map of the method's own maps, a titled heat map per class, the legend and the colour bar."""
     model, spec = checkpoint.load(run_dir, device)
     view = spec.config.get("val", {}) if spec.config else {}
-    own = get_method(method).own_map
-    names = dataset.classes.names
     indices = list(range(min(PICTURE_IMAGES, len(dataset))))
-    rows = []
-    for i, (_, maps, labels) in zip(indices, iter_split_maps(
-            classifier_of(model), dataset, own, scales=view.get("scales", [1.0]), flip=view.get("flip", False),
-            mean=spec.mean, std=spec.std, indices=indices, device=device)):
-        image = dataset.load_image(i)
-        t = (0.5 if threshold is None else threshold) if dataset.classes.has_background else None
-        label = maps_to_labels(torch.from_numpy(maps), labels, t).numpy().astype(np.uint8)
-        rows.append([("input", image), ("ground truth", colorize(dataset.load_mask(i))),
-                     (f"{own} labels" + (f" (bg {t:.2f})" if t is not None else ""), colorize(label)),
-                     *_heat_cells(image, maps, labels, names)])
-    return titled_grid(rows, tile=TILE, legend=class_legend(names))
+    return map_grid(classifier_of(model), dataset, indices, get_method(method).own_map, threshold,
+                    scales=view.get("scales", [1.0]), flip=view.get("flip", False), device=device, mean=spec.mean,
+                    std=spec.std, tile=TILE)
 
 
 def labels_picture(dataset: VOCDataset, folders: dict[str, Path], count: int = PICTURE_IMAGES) -> np.ndarray:
     """Rows of images: input, ground truth, then each folder's label PNG of that image (titled by its key)."""
-    rows = []
-    for i in range(min(count, len(dataset))):
-        image_id = dataset.ids[i]
-        row = [("input", dataset.load_image(i)), ("ground truth", colorize(dataset.load_mask(i)))]
-        for title, folder in folders.items():
-            path = folder / f"{image_id}.png"
-            row.append((title, colorize(read_mask(path))) if path.is_file() else None)
-        rows.append(row)
-    return titled_grid(rows, tile=TILE, legend=class_legend(dataset.classes.names))
+    return labels_grid(dataset, folders, range(min(count, len(dataset))), tile=TILE)
 
 
 def write_report(out: Path, results: dict[str, Any], device: torch.device) -> None:
@@ -218,34 +208,22 @@ def write_report(out: Path, results: dict[str, Any], device: torch.device) -> No
         lines += ["### Where a paper method loses to its baseline here", "", *notes, "",
                   "These are short CPU runs on a toy set: a method that loses here is not shown to lose on real "
                   "data (see `benchmarks/pipeline.py` on MSRC).", ""]
-    lines += ["## Pictures", "", "Heat maps: blue low, red high, one per class present. Label maps use the ground "
-              "truth's palette (legend under each picture).", ""]
+    lines += ["## Pictures", "", "Heat maps: one per class present, coloured by the bar on the right (blue 0, red "
+              "1). Label maps use the dataset's palette (legend under each picture).", ""]
     for name, row in results["methods"].items():
         picture = maps_picture(Path(row["run_dir"]) / "train", name, val, row.get("train_threshold"), device)
         file = f"maps_{name}.png"
-        Image.fromarray(picture).save(out / file)
+        save_picture(out / file, picture)
         lines += [f"### {name}: its own maps on val (seed {pct(row['seed_eval'])})", "", f"![{name}]({file})", ""]
     folders = {f"{m} pseudo": Path(r["run_dir"]) / "pseudo_train" for m, r in results["methods"].items()}
-    Image.fromarray(labels_picture(train, folders)).save(out / "pseudo_labels.png")
+    save_picture(out / "pseudo_labels.png", labels_picture(train, folders))
     lines += ["### Pseudo labels of train images, by method", "", "![pseudo labels](pseudo_labels.png)", ""]
     segmented = settings.get("segmented")
     if segmented:
         pred = Path(results["methods"][segmented]["run_dir"]) / "segment" / f"pred_{settings['eval_split']}"
-        Image.fromarray(labels_picture(val, {"segmentation": pred})).save(out / "segmentation.png")
+        save_picture(out / "segmentation.png", labels_picture(val, {"segmentation": pred}))
         lines += [f"### Segmentation trained on {segmented}'s pseudo labels, on val "
                   f"({pct(results['methods'][segmented].get('segment_eval'))})", "",
                   "![segmentation](segmentation.png)", ""]
-    lines += ["## Next: the same on your own data", "",
-              "```bash",
-              "wsss check-data --data ROOT --split train       # a VOC-layout folder: JPEGImages, "
-              "SegmentationClass or labels, ImageSets/Segmentation, classes.txt",
-              "wsss train --config acr_msrc data.root=ROOT run_dir=runs/acr model.weights=VIT.safetensors",
-              "wsss cam --checkpoint runs/acr --data ROOT --split train --method acr --out runs/acr/maps",
-              "wsss pseudo --method acr --maps runs/acr/maps --data ROOT --split train --out runs/acr/pseudo"
-              "   # its own rule and refinement",
-              "wsss eval --data ROOT --split train --pred runs/acr/pseudo      # when ROOT has some true masks",
-              "wsss train --config segment_msrc data.root=ROOT data.mask_dir=runs/acr/pseudo run_dir=runs/seg",
-              "wsss predict --checkpoint runs/seg --data ROOT --split val --out runs/seg/pred",
-              "python benchmarks/pipeline.py --data ROOT --recipe msrc --out pipeline.json   # all of it, every method",
-              "```", ""]
+    lines += ["## Next: the same on your own data", "", "```bash", *NEXT_STEPS, "```", ""]
     write_bytes_atomic(out / "report.md", "\n".join(lines).encode())

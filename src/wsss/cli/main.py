@@ -20,6 +20,8 @@ import sys
 import traceback
 from typing import NoReturn, Sequence
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from .. import __version__
 from ..errors import ConfigError, WSSSError
 
@@ -153,7 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(argv).parse_args(argv)
         verbose = args.verbose
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-        return int(args.func(args) or 0)
+        # Log lines go through tqdm.write: printed above a progress bar instead of into it.
+        with logging_redirect_tqdm():
+            return int(args.func(args) or 0)
     except WSSSError as exc:
         return report(str(exc), verbose, per_line=isinstance(exc, ConfigError))
     except OSError as exc:

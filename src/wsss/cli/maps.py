@@ -4,24 +4,22 @@ The model is a trained run (``--checkpoint``; class names, normalisation and arc
 backbone with weights (``--model vit_tiny_patch16_224 --weights FILE``: an ImageNet classifier localises its own
 classes zero-shot; ``--class-names`` gives their names). The classes of each image are given (``--classes``, names
 or classifier-output indices) or the top-k the model predicts. For every image ``OUT/<name>.npz`` holds the maps
-(``classes``: classifier-output indices), ``OUT/<name>.png`` shows one titled heat map per class, and with
-``--threshold`` ``OUT/labels/<name>.png`` holds the labels (0 = background, k = the k-th class of the ``.npz``'s
-``classes``, so any classifier fits a PNG). ``<name>`` is the
-image's path relative to the folder given, without its extension. Every file is written atomically.
+(``classes``: classifier-output indices), ``OUT/<name>.png`` shows one titled heat map per class with a colour bar
+(with ``--threshold`` also the label map and its legend), and with ``--threshold`` ``OUT/labels/<name>.png`` holds
+the labels (0 = background, k = the k-th class of the ``.npz``'s ``classes``, so any classifier fits a PNG).
+``<name>`` is the image's path relative to the folder given, without its extension. Every file is written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ..data.io import read_image, save_maps, write_bytes_atomic, write_mask
+from ..data.io import read_image, save_maps, write_mask
 from ..data.layout import IMAGE_EXTENSIONS
 from ..data.transforms import eval_transforms
 from ..errors import ConfigError, DataError
@@ -29,7 +27,7 @@ from ..methods import REGISTRY
 from ..models import checkpoint, create_model
 from ..models.multiview import resize_to_multiple
 from ..pseudo.labels import maps_to_labels
-from ..visualize import overlay, titled_grid
+from ..visualize import class_legend, label_tile, labels_present, overlay, save_picture, titled_grid
 from . import options
 from .cam import map_options
 
@@ -146,12 +144,17 @@ def parse_classes(tokens: Sequence[str], names: list[str] | None, outputs: int) 
     return picked
 
 
-def _picture(image: np.ndarray, maps: np.ndarray, titles: Sequence[str]) -> bytes:
-    cells = [(title, overlay(image, m)) for title, m in zip(titles, maps)]
-    grid = titled_grid([[("image", image), *cells]], tile=TILE)
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
-    return buf.getvalue()
+def picture(image: np.ndarray, maps: np.ndarray, names: Sequence[str], logits: Sequence[float],
+            labels: np.ndarray | None = None, threshold: float | None = None) -> np.ndarray:
+    """The image, a heat map per class titled with its name and logit, the colour bar and, with ``labels``
+    (0 = background, k = the k-th map's class, made at ``threshold``), the label map with its legend."""
+    cells = [("image", image), *[(f"{name} (logit {logit:.1f})", overlay(image, m))
+                                 for name, logit, m in zip(names, logits, maps)]]
+    legend = []
+    if labels is not None:
+        cells.append((f"labels (bg {threshold:g})", label_tile(labels, TILE)))
+        legend = class_legend(["background", *names], ignore=False, only=labels_present(labels))
+    return titled_grid([cells], tile=TILE, legend=legend, colour_bar_label="map value")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -174,12 +177,14 @@ def run(args: argparse.Namespace) -> int:
             classes = fixed if fixed is not None else scores.topk(k).indices.tolist()
             maps = loc(x, [classes], scales=args.scales, flip=args.flip)[0].cpu().numpy()
             save_maps(_output(args.out, name, ".npz"), maps, classes)
-            titles = [f"{names[c] if names else c} (logit {scores[c]:.1f})" for c in classes]
-            write_bytes_atomic(_output(args.out, name, ".png"), _picture(pixels, maps, titles))
+            shown = [names[c] if names else str(c) for c in classes]
+            labels = None
             if args.threshold is not None:
                 positions = np.arange(1, len(classes) + 1)
-                labels = maps_to_labels(torch.from_numpy(maps), positions, args.threshold)
-                write_mask(_output(args.out / "labels", name, ".png"), labels.numpy().astype(np.uint8))
+                labels = maps_to_labels(torch.from_numpy(maps), positions, args.threshold).numpy().astype(np.uint8)
+                write_mask(_output(args.out / "labels", name, ".png"), labels)
+            drawn = picture(pixels, maps, shown, [float(scores[c]) for c in classes], labels, args.threshold)
+            save_picture(_output(args.out, name, ".png"), drawn)
     print(f"wrote the {args.method} maps of {len(images)} images to {args.out}")
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -95,6 +96,51 @@ def device_name(text: str) -> str:
     if not DEVICE_NAME.fullmatch(text):
         raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
     return text
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of an option, hidden from the help: it stores into the new option's ``dest`` and warns
+    (a ``FutureWarning``, shown to users by default) that ``new`` replaces it."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str, **kwargs: Any):
+        kwargs.update(help=argparse.SUPPRESS, default=argparse.SUPPRESS)  # the new option's default stands
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        warnings.warn(f"{option_string} is deprecated and will be removed; use {self.new}", FutureWarning,
+                      stacklevel=2)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(parser: argparse.ArgumentParser | argparse._ActionsContainer, old: str,
+                         new: argparse.Action, **kwargs: Any) -> None:
+    """Accept ``old`` as a hidden, warning spelling of the option ``new`` (its value type, choices and metavar; in
+    the same group as ``parser`` when that is ``new``'s group, so it conflicts as ``new`` does)."""
+    parser.add_argument(old, action=DeprecatedAlias, dest=new.dest, new=new.option_strings[0], type=new.type,
+                        choices=new.choices, nargs=new.nargs, metavar=new.metavar, **kwargs)
+
+
+def add_crf(parser: argparse.ArgumentParser, presets: Sequence[str], default_help: str) -> None:
+    """``--crf-preset P`` (and its old spelling ``--crf P``, deprecated) as every command with a ``--refine crf``
+    spells it; given alone it also turns the CRF on (:func:`crf_refinement`). ``default_help`` says what the preset
+    is when it is left out."""
+    action = parser.add_argument("--crf-preset", choices=sorted(presets), default=None, metavar="P",
+                                 help=f"dense CRF parameters ({', '.join(sorted(presets))}); alone, it also selects "
+                                 f"--refine crf (default: {default_help})")
+    add_deprecated_alias(parser, "--crf", action)
+
+
+def crf_refinement(refine: str | None, crf_preset: str | None) -> str | None:
+    """The refinement asked for: ``refine``, or ``crf`` where only ``--crf-preset`` is given; a preset with another
+    refinement is a ConfigError (it would be ignored)."""
+    if crf_preset is None:
+        return refine
+    if refine not in (None, "crf"):
+        raise ConfigError(f"--crf-preset {crf_preset} sets the dense CRF, but --refine is {refine}: give --refine "
+                          "crf, or leave --crf-preset out")
+    return "crf"
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:

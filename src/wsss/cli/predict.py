@@ -19,7 +19,12 @@ from ..errors import CheckpointError, ConfigError
 from ..models import checkpoint
 from ..refine.crf import CRF_PRESETS
 from ..segment.predict import predict_split
+from ..train.validate import labels_grid
+from ..visualize import save_picture
 from . import options, sharding
+
+SHOW_DIR = "show"  # --show: the pictures, beside the label PNGs
+SHOW_TILE = 256
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "predict",
         help="segment a split with a trained segmentation model and write label PNGs",
-        description="Write OUT/<id>.png (VOC palette) for every image of the split. OUT/wsss-manifest.json records "
+        description="Write OUT/<id>.png (VOC palette) for every image of the split (with --show also a picture of "
+        "each in OUT/show/). OUT/wsss-manifest.json records "
         "the settings and the PNGs written: a rerun with the same settings resumes (keeps the PNGs it lists), with "
         "other settings it is an error unless --overwrite.",
     )
@@ -38,15 +44,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="split name: ROOT/ImageSets/Segmentation/<split>.txt (default: none; a folder of your own "
                    "images takes every labelled image)")
     p.add_argument("--out", required=True, type=Path, help="folder for the <id>.png labels")
-    p.add_argument("--crf", choices=sorted(CRF_PRESETS), default=None,
-                   help="refine the probabilities with a dense CRF preset (getam: GETAM's test setting; "
-                   "default: none)")
+    p.add_argument("--refine", choices=("none", "crf"), default=None,
+                   help="refinement of the probabilities before the argmax, as in wsss pseudo (default: none; crf "
+                   "where --crf-preset is given)")
+    options.add_crf(p, CRF_PRESETS, "psa with --refine crf; getam is GETAM's test setting")
     p.add_argument("--overwrite", action="store_true",
                    help="start over: delete the files the manifest of --out lists, even if made with other settings")
+    p.add_argument("--show", action="store_true",
+                   help="also write OUT/show/<id>.png for people: the image, its ground truth where the dataset has "
+                   "masks and the prediction, titled, in the dataset's palette with a class legend")
     options.add_views(p, what="probabilities")
     p.add_argument("--square-sizes", type=options.positive_int, nargs="+", metavar="S", default=None,
                    help="GETAM's test geometry instead of --scales/--flip: the image resized to each S x S (aspect "
-                   "ratio not kept), logits averaged at the image size; GETAM: 256 320 480 with --crf getam "
+                   "ratio not kept), logits averaged at the image size; GETAM: 256 320 480 with --crf-preset getam "
                    "(default: none)")
     options.add_normalization(p)
     options.add_batching(p)
@@ -59,10 +69,17 @@ def manifest_settings(digest: str, args: argparse.Namespace, mean: Sequence[floa
                       std: Sequence[float]) -> dict[str, Any]:
     """The settings that decide the PNGs: the checkpoint's content, the views, the CRF and the normalisation."""
     settings = {"checkpoint_sha256": digest, "scales": [float(s) for s in args.scales], "flip": bool(args.flip),
-                "crf": args.crf, "mean": list(mean), "std": list(std)}
+                "crf": crf_preset(args), "mean": list(mean), "std": list(std)}
     if args.square_sizes:  # only when used, so folders written before the option still resume
         settings["square_sizes"] = list(args.square_sizes)
     return settings
+
+
+def crf_preset(args: argparse.Namespace) -> str | None:
+    """The dense CRF preset the probabilities go through (None: no CRF), chosen as in ``wsss pseudo``."""
+    if options.crf_refinement(args.refine, args.crf_preset) != "crf":
+        return None
+    return args.crf_preset or "psa"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,12 +101,17 @@ def run(args: argparse.Namespace) -> int:
     indices = shard.take(options.limited(range(len(dataset)), args.limit))
     with shard.open_manifest(args.out, "predict", settings, dataset.root, args.split, overwrite=args.overwrite,
                              command="wsss predict", arguments=vars(args)) as manifest:
-        written, skipped = predict_split(model, dataset, args.out, args.scales, args.flip, args.crf, mean=mean,
+        written, skipped = predict_split(model, dataset, args.out, args.scales, args.flip, crf_preset(args), mean=mean,
                                          std=std, device=shard.device, indices=indices, manifest=manifest,
                                          batch_size=args.batch_size,
                                          num_workers=options.loader_workers(args, shard.device),
                                          progress=shard.is_main, square_sizes=args.square_sizes)
+    if args.show:  # drawn from the PNGs on disk, so a resumed run shows the images it skipped too
+        for i in indices:
+            save_picture(args.out / SHOW_DIR / f"{dataset.ids[i]}.png",
+                         labels_grid(dataset, {"prediction": args.out}, [i], tile=SHOW_TILE))
     written, skipped = shard.finish(args.out, [written, skipped])
     if shard.is_main:
-        print(f"wrote {written} label PNGs to {args.out} ({skipped} already there)")
+        shown = f"; pictures in {args.out / SHOW_DIR}" if args.show else ""
+        print(f"wrote {written} label PNGs to {args.out} ({skipped} already there){shown}")
     return 0

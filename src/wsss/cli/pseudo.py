@@ -67,7 +67,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     rule.add_argument("--method", choices=sorted(m.name for m in REGISTRY if m.pseudo is not None),
                       help="the pseudo-label recipe of a method (`wsss methods` shows them); the flags below "
                       "override single settings")
-    rule.add_argument("--bg-threshold", type=options.fraction, metavar="T", help="rule: constant background score T")
+    threshold = rule.add_argument("--threshold", dest="bg_threshold", type=options.fraction, metavar="T",
+                                  help="rule: constant background score T (as wsss cam --threshold)")
+    options.add_deprecated_alias(rule, "--bg-threshold", threshold)
     rule.add_argument(
         "--two-thresholds", type=options.fraction, nargs=2, metavar=("HIGH", "LOW"),
         help="rule (AReAM): labels of the HIGH run, 255 where only the LOW run finds foreground (e.g. 0.55 0.35)",
@@ -78,8 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="refinement before labelling (default: the recipe's, else none)")
     parser.add_argument("--iterations", type=options.non_negative_int, default=None,
                         help="PAMR / PAR iterations (default: the recipe's, else 10)")
-    parser.add_argument("--crf-preset", choices=sorted(CRF_PRESETS), default=None,
-                        help="dense CRF parameters (default: the recipe's, else psa)")
+    options.add_crf(parser, CRF_PRESETS, "the recipe's, else psa")
     parser.add_argument(
         "--scale", type=options.positive_fraction, default=None,
         help="resize factor in (0, 1] of the score stack for the refinement (default: the recipe's, else 0.5 "
@@ -133,7 +134,8 @@ def _rule(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, Any]
 def settings_from_args(args: argparse.Namespace, num_classes: int, has_background: bool) -> PseudoSettings:
     """The :class:`PseudoSettings` the command line asks for: the rule and its recipe, then the explicit flags."""
     rule, params, refinement = _rule(args)
-    for key, flag in (("refine", args.refine), ("iterations", args.iterations), ("crf", args.crf_preset),
+    refine = options.crf_refinement(args.refine, args.crf_preset)
+    for key, flag in (("refine", refine), ("iterations", args.iterations), ("crf", args.crf_preset),
                       ("scale", args.scale), ("softmax", args.softmax)):
         if flag is not None:
             refinement[key] = flag

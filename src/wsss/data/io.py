@@ -42,13 +42,36 @@ def voc_palette(n: int = 256) -> np.ndarray:
     return palette
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask, read without changing it where the system allows."""
+    try:  # Linux: /proc says it; the os.umask round trip below briefly changes it for every thread
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_like_new_file(fd_or_path: int | str | Path) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (always 0600) the mode ``open()`` would: ``0o666 & ~umask``, so
+    an output renamed into place is as readable as any other file the user writes."""
+    os.chmod(fd_or_path, 0o666 & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``."""
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` (with the umask's mode)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        make_like_new_file(fd)
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -159,6 +182,25 @@ def check_labels(mask: np.ndarray, num_classes: int, path: str | Path | None = N
         raise DataError(
             path, f"mask holds labels {bad.tolist()} outside the {num_classes} classes (and 255 = ignore)"
         )
+
+
+def read_palette(path: str | Path) -> np.ndarray | None:
+    """The ``(256, 3)`` uint8 colours of a palette PNG (entries it leaves out: VOC's), or None for a mask without
+    a palette (greyscale) or no such file."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with open_image(path) as im:
+            colours = im.getpalette("RGB") if im.mode == "P" else None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(path, f"cannot decode mask ({exc})") from exc
+    if not colours:
+        return None
+    palette = voc_palette()
+    given = np.asarray(colours[: 3 * 256], dtype=np.uint8).reshape(-1, 3)
+    palette[: len(given)] = given
+    return palette
 
 
 def write_mask(path: str | Path, mask: np.ndarray) -> None:

@@ -26,7 +26,8 @@ from torch import nn
 from ..data.io import atomic_path
 from ..errors import CheckpointError, naming
 from .factory import create_model, load_into
-from .segmenter import SegmentationModel
+from .decoders import make_segmenter
+from .segmenter import Segmenter
 from .vit import VisionTransformer
 from .weights import load_state_dict
 
@@ -41,7 +42,7 @@ class ModelSpec:
     """What a checkpoint holds besides its weights.
 
     ``arch`` is the backbone preset (:func:`wsss.models.list_models`); ``segmenter`` the decoder settings of a
-    :class:`~wsss.models.segmenter.SegmentationModel` (None for a classifier); ``classes`` the dataset's class names
+    :class:`~wsss.models.segmenter.Segmenter` (None for a classifier); ``classes`` the dataset's class names
     (background first where it has one); ``mean``/``std`` the input normalisation; ``method`` the registered method
     that trained it; ``config`` the resolved training config.
     """
@@ -109,9 +110,9 @@ def _is(value: Any, kinds: tuple[type, ...]) -> bool:
 def describe(model: nn.Module, arch: str, classes: Sequence[str] | None = None,
              mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
              method: str | None = None, config: dict[str, Any] | None = None) -> ModelSpec:
-    """The spec of ``model`` (a :class:`VisionTransformer` or a :class:`SegmentationModel` around one)."""
-    segmenter = model.config() if isinstance(model, SegmentationModel) else None
-    vit: VisionTransformer = model.encoder if isinstance(model, SegmentationModel) else model
+    """The spec of ``model`` (a :class:`VisionTransformer` or a :class:`~wsss.models.segmenter.Segmenter` around one)."""
+    segmenter = model.config() if isinstance(model, Segmenter) else None
+    vit: VisionTransformer = model.encoder if isinstance(model, Segmenter) else model
     return ModelSpec(arch=arch, head=vit.head_type, pool=vit.pool, num_classes=vit.num_classes,
                      img_size=(vit.base_grid[0] * vit.patch_size, vit.base_grid[1] * vit.patch_size),
                      segmenter=segmenter, classes=None if classes is None else list(classes),
@@ -193,9 +194,7 @@ def build(spec: ModelSpec, source: str = "checkpoint") -> nn.Module:
                                 img_size=tuple(spec.img_size))
         if spec.segmenter is None:
             return backbone
-        seg = spec.segmenter
-        return SegmentationModel(backbone, seg["num_classes"], levels=seg["levels"], dim=seg["dim"],
-                                 dropout=seg.get("dropout", 0.1))
+        return make_segmenter(backbone, spec.segmenter)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{source}: the architecture its spec describes cannot be built ({exc}); the file is "
                               f"damaged or from another wsss version") from exc

@@ -46,7 +46,7 @@ def create_model(name: str, weights: str | Path | None = None, num_classes: int 
             (its CNN and transformer heads) for the Conformers.
         pool: pooling of the ``conv`` head, ``avg`` or ``max``.
         pretrained: download (or find in the cache) the weights ``name``'s tag names.
-        overrides: any other constructor argument (``drop_path_rate``, ``img_size``, ...).
+        **overrides (Any): any other constructor argument (``drop_path_rate``, ``img_size``, ...).
 
     Raises:
         CheckpointError: the checkpoint cannot be found or read, or does not fit (it lists the mismatched keys and

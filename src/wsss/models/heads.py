@@ -17,11 +17,13 @@ from torch import Tensor, nn
 
 @dataclass
 class HeadOutput:
-    """``logits (B, K)``; ``patch_logits`` a second set (MCT's patch branch); ``cam (B, K, h, w)`` a conv head's map."""
+    """``logits (B, K)``; ``patch_logits`` a second set (MCT's patch branch); ``cam (B, K, h, w)`` a conv head's map;
+    ``features`` the feature map the classifier pools (GETAM's, which its DPT decoder shares)."""
 
     logits: Tensor
     patch_logits: Tensor | None = None
     cam: Tensor | None = None
+    features: Tensor | None = None
 
 
 def patch_map(tokens: Tensor, grid: tuple[int, int], num_prefix: int) -> Tensor:
@@ -123,7 +125,7 @@ class GETAMHead(nn.Module):
         joined = torch.cat([patches, tokens[:, :1].expand_as(patches)], dim=-1)
         features = self.conv2(self.conv1(patch_map(self.readout(joined), grid, 0)))  # (B, D, h/2, w/2)
         cam = torch.einsum("kd,bdhw->bkhw", self.fc.weight, features) + self.fc.bias[:, None, None]
-        return HeadOutput(cam.mean(dim=(2, 3)),
+        return HeadOutput(cam.mean(dim=(2, 3)), features=features,
                           cam=F.interpolate(cam, size=grid, mode="bilinear", align_corners=False))
 
 

@@ -30,6 +30,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.io import make_like_new_file
 from ..errors import CheckpointError
 
 WEIGHTS_DIR_ENV = "WSSS_WEIGHTS_DIR"
@@ -331,6 +332,7 @@ def download_url(url: str, dst: str | Path, sha256: str | None = None, timeout: 
     fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
+        make_like_new_file(tmp)  # mkstemp's 0600 would make the weights unreadable to the user's group
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             total = response.headers.get("Content-Length") if getattr(response, "headers", None) else None
             progress = _progress(int(total) if total and total.isdigit() else None, dst.name)

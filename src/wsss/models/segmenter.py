@@ -51,41 +51,24 @@ class SegmentationOutput:
     vit: ViTOutput
 
 
-class SegmentationModel(nn.Module):
-    """ViT backbone + multi-level decoder; ``forward(x)`` gives the logits ``(B, C, H, W)``.
+class Segmenter(nn.Module):
+    """What every segmentation model on a ViT backbone shares: the backbone as ``encoder``, ``decode`` on the rich
+    output of one forward pass, and the logits resized to the input.
 
-    Args:
-        backbone: the :class:`VisionTransformer` (its classifier head is kept and evaluated as usual).
-        num_classes: segmentation classes C; channel k is dataset label k.
-        levels: blocks whose output tokens feed the decoder (default :func:`default_levels`).
-        dim: decoder width.
-        dropout: dropout before the classifier.
+    Subclasses set ``num_classes`` and implement :meth:`decode` and :meth:`config` (the settings stored in a
+    checkpoint's spec, with the ``decoder`` name :func:`wsss.models.decoders.make_segmenter` rebuilds it from).
     """
 
-    def __init__(self, backbone: VisionTransformer, num_classes: int, levels: Sequence[int] | None = None,
-                 dim: int = 128, dropout: float = 0.1):
+    decoder_name: str = ""
+
+    def __init__(self, backbone: VisionTransformer, num_classes: int):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        depth = backbone.depth
-        levels = default_levels(depth) if levels is None else tuple(int(level) % depth for level in levels)
-        if len(set(levels)) != len(levels) or list(levels) != sorted(levels):
-            raise ValueError(f"levels must be distinct and ascending, got {levels}")
         # Stored as ``encoder``: the weight loader strips a leading ``backbone.`` from state-dict keys (for foreign
         # checkpoints), which would break reloading this model.
         self.encoder = backbone
         self.num_classes = int(num_classes)
-        self.levels = levels
-        self.dim = int(dim)
-        self.dropout = float(dropout)
-        width = backbone.embed_dim
-        # The last block's tokens come out of the backbone's own final norm; other levels get their own.
-        self.norms = nn.ModuleList(nn.Identity() if level == depth - 1 else nn.LayerNorm(width, eps=1e-6)
-                                   for level in levels)
-        self.proj = nn.ModuleList(nn.Conv2d(width, dim, kernel_size=1) for _ in levels)
-        self.fuse = nn.Sequential(_conv_block(dim), _conv_block(dim))
-        self.drop = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(dim, num_classes, kernel_size=1)
 
     @property
     def backbone(self) -> VisionTransformer:
@@ -98,8 +81,58 @@ class SegmentationModel(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """The decoder's settings, as stored in a checkpoint's spec."""
-        return {"num_classes": self.num_classes, "levels": list(self.levels), "dim": self.dim,
-                "dropout": self.dropout}
+        raise NotImplementedError
+
+    def decode(self, out: ViTOutput) -> Tensor:
+        """Logits ``(B, C, h, w)`` from a forward pass run with ``hidden=True``."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, capture: Capture | None = None) -> Tensor | SegmentationOutput:
+        """Segment ``x`` ``(B, 3, H, W)`` (H, W multiples of the patch size): the logits at the input size, or with
+        ``capture`` (what the backbone exposes besides the decoder's levels) the :class:`SegmentationOutput`."""
+        out = self.encoder(x, capture=replace(capture or Capture(), hidden=True))
+        logits = self.decode(out)
+        if logits.shape[-2:] != x.shape[-2:]:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits if capture is None else SegmentationOutput(logits=logits, vit=out)
+
+
+class SegmentationModel(Segmenter):
+    """ViT backbone + multi-level decoder; ``forward(x)`` gives the logits ``(B, C, H, W)``.
+
+    Args:
+        backbone: the :class:`VisionTransformer` (its classifier head is kept and evaluated as usual).
+        num_classes: segmentation classes C; channel k is dataset label k.
+        levels: blocks whose output tokens feed the decoder (default :func:`default_levels`).
+        dim: decoder width.
+        dropout: dropout before the classifier.
+    """
+
+    decoder_name = "light"
+
+    def __init__(self, backbone: VisionTransformer, num_classes: int, levels: Sequence[int] | None = None,
+                 dim: int = 128, dropout: float = 0.1):
+        super().__init__(backbone, num_classes)
+        depth = backbone.depth
+        levels = default_levels(depth) if levels is None else tuple(int(level) % depth for level in levels)
+        if len(set(levels)) != len(levels) or list(levels) != sorted(levels):
+            raise ValueError(f"levels must be distinct and ascending, got {levels}")
+        self.levels = levels
+        self.dim = int(dim)
+        self.dropout = float(dropout)
+        width = backbone.embed_dim
+        # The last block's tokens come out of the backbone's own final norm; other levels get their own.
+        self.norms = nn.ModuleList(nn.Identity() if level == depth - 1 else nn.LayerNorm(width, eps=1e-6)
+                                   for level in levels)
+        self.proj = nn.ModuleList(nn.Conv2d(width, dim, kernel_size=1) for _ in levels)
+        self.fuse = nn.Sequential(_conv_block(dim), _conv_block(dim))
+        self.drop = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(dim, num_classes, kernel_size=1)
+
+    def config(self) -> dict[str, Any]:
+        """The decoder's settings, as stored in a checkpoint's spec."""
+        return {"decoder": self.decoder_name, "num_classes": self.num_classes, "levels": list(self.levels),
+                "dim": self.dim, "dropout": self.dropout}
 
     def decode(self, out: ViTOutput) -> Tensor:
         """Logits ``(B, C, h, w)`` on the patch grid from a forward pass run with ``hidden=True``."""
@@ -110,10 +143,3 @@ class SegmentationModel(nn.Module):
             patches = tokens[:, out.num_prefix:].transpose(1, 2).unflatten(2, out.grid)
             fused = fused + proj(patches)
         return self.classifier(self.drop(self.fuse(fused)))
-
-    def forward(self, x: Tensor, capture: Capture | None = None) -> Tensor | SegmentationOutput:
-        """Segment ``x`` ``(B, 3, H, W)`` (H, W multiples of the patch size): the logits at the input size, or with
-        ``capture`` (what the backbone exposes besides the decoder's levels) the :class:`SegmentationOutput`."""
-        out = self.encoder(x, capture=replace(capture or Capture(), hidden=True))
-        logits = F.interpolate(self.decode(out), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits if capture is None else SegmentationOutput(logits=logits, vit=out)

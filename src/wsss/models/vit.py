@@ -55,7 +55,8 @@ class ViTOutput:
     Conformer's transformer head next to its CNN head); ``None`` where ``logits`` already are the class token's.
     The first ``num_prefix`` tokens are the class token(s), then the distillation and register tokens; the patches
     follow. ``stem_features`` are a convolutional stem's feature maps, finest first (the hybrid's ResNet stages at
-    /4, /8 and /16, the inputs of a DPT decoder); empty for a plain patch embedding.
+    /4, /8 and /16, the inputs of a DPT decoder); empty for a plain patch embedding. ``head_features`` is the map a
+    head pools into its logits where it has one (GETAM's stride-2 reassembly of the last block, ``(B, D, h/2, w/2)``).
     """
 
     logits: Tensor
@@ -69,6 +70,7 @@ class ViTOutput:
     attn_logits: list[Tensor] = field(default_factory=list)
     hidden: list[Tensor] = field(default_factory=list)
     stem_features: list[Tensor] = field(default_factory=list)
+    head_features: Tensor | None = None
 
     @property
     def patch_tokens(self) -> Tensor:
@@ -376,6 +378,7 @@ class VisionTransformer(nn.Module):
         if self.head_dist is not None:  # distilled DeiT: the mean of the class- and distillation-token heads
             head.logits = (head.logits + self.head_dist(out.tokens[:, 1])) / 2
         out.logits, out.patch_logits, out.cam = head.logits, head.patch_logits, head.cam
+        out.head_features = head.features
         return out
 
     def class_weights(self) -> tuple[Tensor, Tensor | None]:

@@ -15,16 +15,20 @@ from ..data.classes import ClassSet
 from ..data.io import IGNORE_INDEX
 from ..errors import ConfigError
 from ..methods.registry import MethodOptions
-from ..models.segmenter import SegmentationModel
+from ..models.decoders import make_segmenter
+from ..models.segmenter import Segmenter
 from ..models.vit import VisionTransformer
 from .losses import cross_entropy, split_cross_entropy_terms
 
 
 class DecoderOptions(MethodOptions):
-    """The segmentation decoder (:class:`~wsss.models.segmenter.SegmentationModel`)."""
+    """The segmentation decoder: ``light`` (:class:`~wsss.models.segmenter.SegmentationModel`, stride 16) or ``dpt``
+    (GETAM's, :class:`~wsss.models.dpt.DPTSegmentationModel`, fusing down to stride 2)."""
 
-    levels: list[int] | None = None  # blocks feeding the decoder (default 3, 5, 8, 11 of 12, scaled to the depth)
-    dim: int = Field(128, ge=1)  # decoder width
+    decoder: Literal["light", "dpt"] = "light"
+    # blocks feeding the decoder (light: 3, 5, 8, 11 of 12; dpt: 2, 5, 8, 11, or 8, 11 on the hybrid; scaled)
+    levels: list[int] | None = None
+    dim: int = Field(128, ge=1)  # decoder width (the DPT's ``features``: 256 in GETAM)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
 
@@ -34,11 +38,11 @@ class SegmentationOptions(DecoderOptions):
     loss: Literal["ce", "split_ce"] = "ce"  # split_ce: GETAM's, background and foreground averaged separately
 
 
-def build_segmenter(backbone: VisionTransformer, classes: ClassSet, options: DecoderOptions) -> SegmentationModel:
-    """A :class:`SegmentationModel` with one channel per dataset label."""
+def build_segmenter(backbone: VisionTransformer, classes: ClassSet, options: DecoderOptions) -> Segmenter:
+    """The ``options.decoder`` segmentation model with one channel per dataset label."""
     try:
-        return SegmentationModel(backbone, classes.num_classes, levels=options.levels, dim=options.dim,
-                                 dropout=options.dropout)
+        return make_segmenter(backbone, {"decoder": options.decoder, "num_classes": classes.num_classes,
+                                         "levels": options.levels, "dim": options.dim, "dropout": options.dropout})
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad segmentation decoder settings: {exc}") from exc
 
@@ -51,7 +55,7 @@ class SegmentationObjective:
         self.classes = classes
         self.background_label = 0 if classes.has_background else None
 
-    def build_model(self, backbone: VisionTransformer) -> SegmentationModel:
+    def build_model(self, backbone: VisionTransformer) -> Segmenter:
         """Drop the classifier (this stage does not train it, and DDP wants every parameter used), add the decoder."""
         if not backbone.tokens_per_class:
             backbone.reset_classifier(0)

@@ -21,12 +21,12 @@ from ..data.manifest import OutputManifest
 from ..data.batches import split_batches
 from ..data.voc import VOCDataset
 from ..models.multiview import sum_over_views
-from ..models.segmenter import SegmentationModel
+from ..models.segmenter import Segmenter
 from ..refine.crf import CRFParams, dense_crf
 
 
 @torch.inference_mode()
-def predict_probs(model: SegmentationModel, images: Tensor, scales: Sequence[float] = (1.0,),
+def predict_probs(model: Segmenter, images: Tensor, scales: Sequence[float] = (1.0,),
                   flip: bool = False, square_sizes: Sequence[int] | None = None) -> Tensor:
     """Class probabilities ``(B, C, H, W)`` of normalised ``images`` ``(B, 3, H, W)``.
 
@@ -60,7 +60,7 @@ def probs_to_labels(probs: Tensor, image: np.ndarray | None = None, crf: str | C
     return scores.argmax(dim=0).numpy().astype(np.uint8)
 
 
-def predict_split(model: SegmentationModel, dataset: VOCDataset, out_dir: str | Path,
+def predict_split(model: Segmenter, dataset: VOCDataset, out_dir: str | Path,
                   scales: Sequence[float] = (1.0,), flip: bool = False, crf: str | CRFParams | None = None,
                   mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
                   device: torch.device | str = "cpu", indices: Sequence[int] | None = None,

@@ -48,7 +48,7 @@ from .objectives import build_objective
 from .optim import build_optimizer, build_scheduler
 from .runlog import RunLog
 from .sampler import ResumableBatchSampler
-from .validate import map_grid, maps_sweep, sweep_result
+from .validate import labels_grid, map_grid, maps_sweep, sweep_result
 
 BEST_MODEL_FILE = "model_best.safetensors"  # val.keep_best: the weights of the best validation so far
 
@@ -406,8 +406,17 @@ class Trainer:
                 for level, message in self.notes:
                     log.log(level, "%s", message)
             if main:
+                self._log_start()
+            if resumed and self.step >= self.total_steps:
+                done = self._finished_summary()
+                if done is not None:  # nothing left to do: the run's files stay as the run wrote them
+                    log.info("%s finished at step %d already; nothing to do", self.run_dir, self.step)
+                    summary, finished = done, True
+                    return summary
+            if main:
                 with naming(self.run_dir / "config.yaml"):
                     write_bytes_atomic(self.run_dir / "config.yaml", dump_config(cfg).encode())
+                self._log_training_labels()
             self.model.train()
             batches = self._batches()  # after resume(): it starts at self.step
             bar = tqdm(total=self.total_steps, initial=self.step, disable=not main, desc="train", dynamic_ncols=True)
@@ -456,6 +465,44 @@ class Trainer:
             self.ddp = self.model
             shutdown(self.dist, synchronize=finished)
         return summary
+
+    def _log_start(self) -> None:
+        """Say where the run writes and what it trains on, first thing (console and ``train.log``)."""
+        data = self.cfg["data"]
+        split = f"split {data['split']!r}" if data["split"] else "every labelled image"
+        masks = f", masks from {data['mask_dir']}" if data["mask_dir"] else ""
+        val = (f"; validating on {len(self.val_dataset)} images of {self.cfg['val']['split']!r} every "
+               f"{self.cfg['val']['every']} steps" if self.val_dataset is not None else "")
+        log.info("run folder %s: %d training images (%s of %s%s, %d classes), steps %d to %d, global batch %d%s",
+                 self.run_dir.resolve(), len(self.dataset), split, data["root"], masks, self.classes.num_classes,
+                 self.step, self.total_steps, self.sampler.global_batch, val)
+
+    def _finished_summary(self) -> dict[str, Any] | None:
+        """The saved ``summary.json`` of a run that already reached ``train.steps`` and wrote its final model (None
+        when it did not: it was killed after its last checkpoint, and the end of :meth:`fit` still has to run).
+        Rank 0 reads it for every process."""
+        summary = None
+        if self.dist.is_main and (self.run_dir / MODEL_FILE).is_file():
+            path = self.run_dir / "summary.json"
+            try:
+                summary = json.loads(path.read_text())
+            except (OSError, ValueError):  # missing or cut short: written again at the end of fit()
+                summary = None
+            if not isinstance(summary, dict):
+                summary = None
+        return all_gather_objects(summary, self.dist)[0]
+
+    def _log_training_labels(self) -> None:
+        """A training run on other masks than the dataset's (pseudo labels, ``data.mask_dir``) shows TensorBoard
+        the first ``val.images`` of them beside the true masks, at the start."""
+        data, count = self.cfg["data"], self.cfg["val"]["images"]
+        if not (self.runlog.wants_images and data["mask_dir"] and count):
+            return
+        own = VOCDataset(data["root"], data["split"], labels_file=data["labels_file"], require_labels=False,
+                         background=data["background"])
+        indices = range(min(count, len(own)))
+        self.runlog.image("train/pseudo_labels", self.step, labels_grid(own, {"pseudo label": data["mask_dir"]},
+                                                                        indices))
 
     def _save(self) -> None:
         state = self.state()  # every rank takes part (RNG states are gathered)

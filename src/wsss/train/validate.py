@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..data.io import read_mask
 from ..data.voc import VOCDataset
 from ..evaluate import ThresholdSweep, threshold_grid
 from ..localize.split import iter_split_maps
 from ..pseudo.labels import maps_to_labels
-from ..visualize import colorize, overlay, resize_tile
+from ..visualize import class_legend, dataset_palette, label_tile, labels_present, overlay, titled_grid
 
 
 def maps_sweep(model: nn.Module, dataset: VOCDataset, method: str = "cam", scales: Sequence[float] = (1.0,),
@@ -59,17 +61,54 @@ def maps_miou(model: nn.Module, dataset: VOCDataset, method: str = "cam", scales
 def map_grid(model: nn.Module, dataset: VOCDataset, indices: Sequence[int], method: str = "cam",
              threshold: float | None = None, scales: Sequence[float] = (1.0,), flip: bool = False,
              device: torch.device | str = "cpu", mean: Sequence[float] | None = (0.5, 0.5, 0.5),
-             std: Sequence[float] | None = (0.5, 0.5, 0.5), tile: int = 128, **options) -> np.ndarray:
-    """One row per image: the input, its ground truth, the pseudo label of the maps at ``threshold`` and the
-    strongest map over the input. Returns an ``(rows * tile, 4 * tile, 3)`` uint8 picture."""
+             std: Sequence[float] | None = (0.5, 0.5, 0.5), tile: int = 192, **options) -> np.ndarray:
+    """A titled picture of ``method``'s maps, one row per image: the input, its ground truth (where the split has
+    masks), the pseudo label of the maps at ``threshold`` (0.5 where None; argmax without a background class) and a
+    heat map per class of the image, titled with its name; label maps in the dataset's palette with a legend of the
+    classes drawn, a colour bar of the heat maps. ``(H, W, 3)`` uint8."""
     has_bg = dataset.classes.has_background
-    rows = []
+    names = dataset.classes.names
+    palette = dataset_palette(dataset)
+    t = (0.5 if threshold is None else threshold) if has_bg else None
+    rows, drawn = [], []
     for i, (_, maps, labels) in zip(indices, iter_split_maps(model, dataset, method, scales, flip, mean, std,
                                                              indices=indices, device=device, **options)):
         image = dataset.load_image(i)
-        t = (0.5 if threshold is None else threshold) if has_bg else None
         pseudo = maps_to_labels(torch.from_numpy(maps), labels, t).numpy().astype(np.uint8)
-        cells = [resize_tile(image, tile), resize_tile(colorize(dataset.load_mask(i)), tile, nearest=True),
-                 resize_tile(colorize(pseudo), tile, nearest=True), resize_tile(overlay(image, maps.max(axis=0)), tile)]
-        rows.append(np.concatenate(cells, axis=1))
-    return np.concatenate(rows, axis=0) if rows else np.zeros((tile, 4 * tile, 3), dtype=np.uint8)
+        row = [("input", image)]
+        if dataset.has_masks:
+            mask = dataset.load_mask(i)
+            drawn.append(mask)
+            row.append(("ground truth", label_tile(mask, tile, palette)))
+        drawn.append(pseudo)
+        row.append((f"{method} labels" + (f" (bg {t:.2f})" if t is not None else ""), label_tile(pseudo, tile, palette)))
+        row += [(f"map: {names[int(c)]}", overlay(image, m)) for m, c in zip(maps, labels)]
+        rows.append(row)
+    if not rows:
+        raise ValueError("map_grid needs at least one image")
+    return titled_grid(rows, tile=tile, legend=class_legend(names, palette=palette, only=labels_present(*drawn)),
+                       colour_bar_label="map value")
+
+
+def labels_grid(dataset: VOCDataset, folders: Mapping[str, Path], indices: Sequence[int],
+                tile: int = 192) -> np.ndarray:
+    """A titled picture of label PNGs, one row per image: the input (titled with its id), its ground truth (where the split has masks),
+    then each folder's ``<id>.png`` (titled by its key; blank where missing), in the dataset's palette with a legend
+    of the classes drawn. ``(H, W, 3)`` uint8."""
+    palette = dataset_palette(dataset)
+    rows, drawn = [], []
+    for i in indices:
+        row = [(f"image {dataset.ids[i]}", dataset.load_image(i))]
+        labelled = [("ground truth", dataset.load_mask(i))] if dataset.has_masks else []
+        for title, folder in folders.items():
+            path = Path(folder) / f"{dataset.ids[i]}.png"
+            labelled.append((title, read_mask(path) if path.is_file() else None))
+        for title, labels in labelled:
+            if labels is not None:
+                drawn.append(labels)
+            row.append(None if labels is None else (title, label_tile(labels, tile, palette)))
+        rows.append(row)
+    if not rows:
+        raise ValueError("labels_grid needs at least one image")
+    return titled_grid(rows, tile=tile, legend=class_legend(dataset.classes.names, palette=palette,
+                                                            only=labels_present(*drawn)))

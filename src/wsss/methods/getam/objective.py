@@ -32,7 +32,7 @@ from ...data.io import IGNORE_INDEX
 from ...data.transforms import denormalize
 from ...localize.base import present_classes
 from ...errors import ConfigError
-from ...models.segmenter import SegmentationModel
+from ...models.segmenter import Segmenter
 from ...models.vit import Capture, VisionTransformer
 from ...pseudo.completion import label_completion_with_saliency
 from ...refine.pamr import pamr
@@ -90,7 +90,7 @@ class GETAMObjective:
         """The dense-CRF loss needs each crop's ROI (``batch["roi"]``, see ``VOCDataset.with_roi``)."""
         return self.dense_crf is not None
 
-    def build_model(self, backbone: VisionTransformer) -> SegmentationModel:
+    def build_model(self, backbone: VisionTransformer) -> Segmenter:
         """The backbone (classifier kept) plus a decoder with one channel per dataset label."""
         layer = self.options.start_layer
         if layer is not None and not -backbone.depth <= layer < backbone.depth:
