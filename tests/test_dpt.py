@@ -222,3 +222,23 @@ def test_getam_trains_end_to_end_with_the_dpt_decoder():
         losses.append(float(loss.detach()))
     assert "seg_fg" in logs and losses[-1] < losses[0]
     assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("scratch.layer"))
+
+
+def test_import_checkpoint_turns_a_released_getam_model_into_a_wsss_run(tmp_path, capsys):
+    from wsss.cli.main import main
+
+    state = _authors_state("vit_base_r50_s16_384", hybrid=True)
+    path = tmp_path / "getam_released.pth"
+    torch.save(state, path)
+    assert main(["import-checkpoint", str(path), "--out", str(tmp_path / "run")]) == 0
+    assert "21 classes" in capsys.readouterr().out
+    model, spec = load(tmp_path / "run")
+    assert isinstance(model, DPTSegmentationModel) and spec.classes[15] == "person" and spec.method == "getam"
+    assert spec.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert torch.equal(model.state_dict()["scratch.output_conv.4.weight"], state["scratch.output_conv.4.weight"])
+    assert torch.equal(model.state_dict()["encoder.blocks.3.attn.qkv.weight"],
+                       state["pretrained.model.blocks.3.attn.qkv.weight"])
+    # Not a GETAM checkpoint: refused with the file named.
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pth")
+    assert main(["import-checkpoint", str(tmp_path / "other.pth"), "--out", str(tmp_path / "run2")]) == 2
+    assert "other.pth: not a GETAM DPT checkpoint" in capsys.readouterr().err

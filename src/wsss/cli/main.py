@@ -43,6 +43,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("eval", "eval", "score predictions (label PNGs or .npz maps) against a split's ground truth"),
     ("methods", "methods", "list the registered methods: maps, options, presets, pseudo-label recipes"),
     ("upgrade-checkpoint", "upgrade_checkpoint", "rewrite an older checkpoint with its input normalisation"),
+    ("import-checkpoint", "import_checkpoint", "convert an authors' released model into a wsss checkpoint"),
     ("demo", "demo", "synthetic data -> baseline, ACR, AReAM, GETAM -> maps, pseudo labels, segmentation -> report"),
 )
 

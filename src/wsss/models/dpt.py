@@ -24,6 +24,8 @@ its ``pretrained.act_postprocess4``.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -34,6 +36,8 @@ from .heads import GETAMHead, patch_map
 from .resnetv2 import STAGE_CHANNELS, HybridEmbed
 from .segmenter import Segmenter
 from .vit import ViTOutput, VisionTransformer
+
+log = logging.getLogger(__name__)
 
 PLAIN_LEVELS = (2, 5, 8, 11)  # of a 12-block ViT (the authors' hooks for vitb16_384)
 HYBRID_LEVELS = (8, 11)  # the hybrid's two transformer levels; the finer two are ResNet stages 1 and 2
@@ -261,3 +265,29 @@ def from_authors_state_dict(state: dict[str, Tensor],
                 break
         out[key] = value
     return out, dropped
+
+
+def import_authors_checkpoint(path: str | Path, arch: str = "vit_base_r50_s16_384", num_classes: int = 21,
+                              dim: int = 256) -> DPTSegmentationModel:
+    """A released GETAM model (the authors' ``DPTSegmentationModel`` state dict, ``.pth``) as a wsss model.
+
+    ``arch`` is their backbone (``vitb_hybrid``: ``vit_base_r50_s16_384``; ``vitb``: ``vit_base_patch16_384``),
+    ``num_classes`` their ``num_classes + 1``. The file is read with ``weights_only=True`` and loaded strictly.
+
+    Raises:
+        CheckpointError: the file is not such a checkpoint, or does not fit the model (the keys are listed).
+    """
+    from ..errors import CheckpointError
+    from .factory import create_model, load_into
+    from .weights import load_state_dict
+
+    state = load_state_dict(path)
+    if not is_authors_checkpoint(state):
+        raise CheckpointError(f"{path}: not a GETAM DPT checkpoint (no pretrained.model.* and "
+                              f"scratch.refinenet1.* keys)")
+    model = DPTSegmentationModel(create_model(arch, num_classes=num_classes - 1, head="getam"), num_classes, dim=dim)
+    renamed, dropped = from_authors_state_dict(state)
+    if dropped:
+        log.info("%s: left out %s (the ImageNet classifier inside their ViT, never called)", path, ", ".join(dropped))
+    load_into(model, renamed, source=str(path))
+    return model.eval()
