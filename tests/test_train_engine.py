@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -682,3 +683,17 @@ def test_resuming_a_finished_run_keeps_its_summary_and_files(synth, tmp_path, ca
     # More steps on the same run do train, and write their own summary.
     more = Trainer(load_config(None, tiny_overrides(synth, run, "train.steps=3", "val.every=2"))).fit(resume=True)
     assert more["step"] == 3 and json.loads((run / "summary.json").read_text())["step"] == 3
+
+
+def test_a_key_added_since_a_checkpoint_is_no_change_at_its_default(synth, tmp_path):
+    from wsss.settings import changed_settings
+    from wsss.train.engine import _with_current_defaults
+
+    cfg = load_config(None, tiny_overrides(synth, tmp_path / "run"))
+    older = copy.deepcopy(cfg)
+    del older["optim"]["warmup_lr"]  # as written by a wsss without that option
+    assert changed_settings(older, cfg) == {"optim.warmup_lr": (None, cfg["optim"]["warmup_lr"])}
+    assert changed_settings(_with_current_defaults(older), cfg) == {}
+    removed = copy.deepcopy(cfg)
+    removed["optim"]["gone"] = 1  # a key since removed no longer validates: still reported
+    assert "optim.gone" in changed_settings(_with_current_defaults(removed), cfg)

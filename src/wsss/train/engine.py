@@ -42,7 +42,7 @@ from ..models.checkpoint import MODEL_FILE, describe, read_spec, save
 from ..models.weights import load_state_dict
 from ..settings import changed_settings, describe_changes
 from .checkpoint import STATE_FILE, CheckpointManager, rng_state, set_rng_state
-from .config import dump_config, read_yaml
+from .config import dump_config, read_yaml, validate_config
 from .distributed import DistInfo, all_gather_objects, all_reduce_mean, barrier, init_distributed, shutdown
 from .objectives import build_objective
 from .optim import build_optimizer, build_scheduler
@@ -260,6 +260,8 @@ class Trainer:
                     config_file = self.run_dir / "config.yaml"
                     if old is None and config_file.is_file():
                         old = read_yaml(config_file)  # a ConfigError naming the file if it is not a config
+                if old is not None:
+                    old = _with_current_defaults(old)
                 changes = changed_settings(old, self.cfg) if old is not None else {}
             except WSSSError as exc:  # raised on every process, not only here (the others would wait forever)
                 error = exc
@@ -572,3 +574,13 @@ class Trainer:
         self.runlog.scalars(self.step, {"val_miou": result["miou"], "val_threshold": result["threshold"],
                                         "val_images": result["num_images"]})
         return result
+
+
+def _with_current_defaults(old: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config completed with the defaults of keys added since it was written (so a new option left
+    at its default is not a change); as it is where it no longer validates (a key since removed is a change)."""
+    try:
+        return validate_config(old)
+    except ConfigError:
+        return old
+
