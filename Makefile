@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # On a small shared CPU box, OpenMP threads that spin while waiting slow everything else down.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +25,13 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# The documentation site (docs/, mkdocs.yml) into site/; --strict turns every warning into an error.
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) runs build src/*.egg-info
+	rm -rf $(VENV) runs build site src/*.egg-info
