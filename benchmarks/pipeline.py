@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="preset (or YAML file) of the segmentation runs (default: segment_<recipe>)")
     p.add_argument("--segment", choices=("all", "best", "none"), default="all",
                    help="train a segmentation model on every method's pseudo labels, on the best ones, or none")
+    p.add_argument("--mask-steps", nargs="+", choices=("refine", "psa"), default=["refine"],
+                   help="pseudo-label steps on the seeds: each method's refinement recipe, and/or PSA's AffinityNet "
+                   "and random walk (the affinity_<recipe> preset); each is segmented")
     p.add_argument("--no-supervised", action="store_true", help="skip the segmentation run on the true masks")
     p.add_argument("--warm-start", default=None, metavar="METHOD",
                    help="the other methods start from this method's trained classifier")
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         data=args.data, run_root=args.run_root, train_split=args.train_split, eval_split=args.eval_split,
         methods=args.methods, maps=args.maps, recipe=args.recipe, weights=default_weights(args.weights),
         overrides=args.overrides, segment_overrides=args.segment_overrides, segment_preset=args.segment_preset,
-        segment=args.segment, supervised=not args.no_supervised, warm_start=args.warm_start, limit=args.limit,
+        segment=args.segment, mask_steps=args.mask_steps, supervised=not args.no_supervised,
+        warm_start=args.warm_start, limit=args.limit,
         device=args.device, resume=args.resume)
 
     def save(results: dict) -> None:

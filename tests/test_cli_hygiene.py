@@ -224,7 +224,7 @@ def test_predict_takes_the_spec_and_a_limit(tmp_path, capsys, caplog):
     _tiny_checkpoint(classifier, data)
     assert main(["predict", "--checkpoint", str(classifier), "--data", str(data), "--split", "val",
                  "--out", str(tmp_path / "none")]) == EX_ERROR
-    assert "is a classifier" in capsys.readouterr().err
+    assert "is a classification model" in capsys.readouterr().err
 
 
 def _usage(command: str, tmp_path) -> list[str]:

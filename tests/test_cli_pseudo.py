@@ -14,7 +14,7 @@ from wsss.cli import pseudo as pseudo_cli
 from wsss.data.io import load_maps, read_mask, save_maps, write_mask
 from wsss.errors import ConfigError, DataError
 from wsss.methods import REGISTRY
-from wsss.pseudo import label_completion, maps_to_labels, psa_labels, two_threshold_labels
+from wsss.pseudo import label_completion, maps_to_labels, psa_confident_labels, psa_labels, two_threshold_labels
 from wsss.refine import make_refiner
 
 H, W = 24, 32
@@ -131,6 +131,27 @@ def test_crf_refinement_matches_the_library(dataset):
         refiner = make_refiner("crf", _image(dataset, image_id), crf="psa")
         expected = psa_labels(maps_t, classes, 1, refine=refiner)
         assert np.array_equal(_labels(dataset, "crf", image_id), expected.numpy())
+
+
+def test_psa_confident_labels_use_the_psa_crf_by_default(dataset):
+    pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 (the [crf] extra) is not installed")
+    maps, classes = _maps("c")
+    maps[0, :, :4] = 0.4  # (1 - 0.4)^1 > 0.4 > (1 - 0.4)^12: background at alpha 1, foreground at alpha 12
+    save_maps(dataset["maps"] / "c.npz", maps, classes)
+    _run(dataset, "--psa-confident", "1", "12", out=dataset["tmp"] / "conf")
+    _run(dataset, "--psa-confident", "1", "12", "--refine", "none", out=dataset["tmp"] / "conf_raw")
+    unsure = 0
+    for image_id in IDS:
+        maps_t, classes = _stored_maps(dataset, image_id)
+        refiner = make_refiner("crf", _image(dataset, image_id), crf="psa")
+        expected = psa_confident_labels(maps_t, classes, 1, 12, refine=refiner)
+        assert np.array_equal(_labels(dataset, "conf", image_id), expected.numpy())
+        raw = _labels(dataset, "conf_raw", image_id)
+        assert np.array_equal(raw, psa_confident_labels(maps_t, classes, 1, 12).numpy())
+        unsure += int((raw == 255).sum())
+    assert unsure == H * 4  # the band the two runs disagree on is left unlabelled
+    with pytest.raises(ConfigError, match="wants LOW HIGH"):
+        _run(dataset, "--psa-confident", "12", "1", out=dataset["tmp"] / "bad")
 
 
 def test_affinity_refinement_reads_per_image_affinities(dataset):

@@ -15,12 +15,19 @@ For each method (any registered in ``wsss methods``; plug-ins included):
    (every method's, only the best pseudo labels', or none: :attr:`PipelineSettings.segment`). A method that trains
    a segmentation model itself (GETAM end to end) also gets ``own_segment_eval``: that model's output on the eval
    split (the single-stage result).
+6. with ``mask_steps`` including ``psa``, **PSA's two-stage mask step** beside the refinement recipe: confident
+   labels of the train seeds (PSA CRF at alpha 1 and 12), an AffinityNet trained on them (the
+   ``affinity_<recipe>`` preset), the seeds random-walked with it (background score: the seeds' train threshold,
+   as the threshold rules are calibrated), scored as pseudo labels and segmented like them, under ``psa``.
 
 References in the same run: the segmentation preset trained on the true train masks (``supervised``) and the two
 priors of :mod:`wsss.evaluate.priors`. All numbers are fractions in [0, 1]:
 
     {"methods": {M: {"seed_train", "seed_eval", "pseudo_train": {"miou", "coverage"}, "segment_eval"}},
      "maps": {M: {MAP: x}}, "priors": {"centre", "mean_mask"}, "supervised": {"segment_eval"}}
+
+and with the PSA step ``methods[M]["psa"] = {"confident": {"miou", "coverage"}, "pseudo_train": {...},
+"segment_eval"}``.
 
 Finished stages are kept in ``RUN_ROOT/stages.json``; with ``resume`` they are read back and interrupted training
 runs continue from their last checkpoint. ``benchmarks/pipeline.py`` and ``wsss demo`` both run this.
@@ -49,12 +56,17 @@ from .methods import REGISTRY, Method, get_method
 from .models.segmenter import Segmenter
 from .models.checkpoint import MODEL_FILE
 from .pseudo.generate import PseudoSettings, pseudo_label_for
+from .pseudo.random_walk import WalkSettings, walk_split
+from .refine.affinity import PSA_BACKGROUND
 from .segment.predict import predict_split
 from .train import Trainer, load_config
 from .settings import changed_settings, describe_changes
 from .train.validate import maps_miou, sweep_result
 
 log = logging.getLogger(__name__)
+
+MASK_STEPS = ("refine", "psa")  # the method's pseudo-label recipe; PSA's AffinityNet and random walk
+PSA_ALPHAS = (1.0, 12.0)  # methods.md §4: the confident labels' low and high alpha
 
 
 @dataclass
@@ -77,6 +89,7 @@ class PipelineSettings:
     segment: Literal["all", "best", "none"] = "all"
     supervised: bool = True                # also train the segmentation preset on the true masks
     warm_start: str | None = None          # a method whose trained classifier initialises the other methods
+    mask_steps: list[str] = field(default_factory=lambda: ["refine"])  # "refine" (the method's recipe), "psa"
     limit: int | None = None               # score only the first N eval images
     device: str = "cpu"
     resume: bool = False
@@ -85,6 +98,9 @@ class PipelineSettings:
         self.data, self.run_root = Path(self.data), Path(self.run_root)
         if self.segment not in ("all", "best", "none"):
             raise ConfigError(f"segment must be 'all', 'best' or 'none', got {self.segment!r}")
+        unknown = sorted(set(self.mask_steps) - set(MASK_STEPS))
+        if unknown or not self.mask_steps:
+            raise ConfigError(f"mask_steps must be some of {MASK_STEPS}, got {self.mask_steps}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be a positive number of images, got {self.limit}")
 
@@ -167,9 +183,11 @@ def classifier_of(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def view_options(trainer: Trainer) -> dict[str, Any]:
-    """The views a run's maps are made with: its ``val`` scales and flip, its device and normalisation."""
+    """The views a run's maps are made with: its ``val`` scales (or square sizes) and flip, its device and
+    normalisation."""
     v = trainer.cfg["val"]
-    return dict(scales=v["scales"], flip=v["flip"], device=trainer.device, mean=trainer.mean, std=trainer.std)
+    return dict(scales=v["scales"], square_sizes=v["square_sizes"], flip=v["flip"], device=trainer.device,
+                mean=trainer.mean, std=trainer.std)
 
 
 def seeds_on_train(trainer: Trainer, method: Method, dataset: VOCDataset, maps_dir: Path) -> dict[str, Any]:
@@ -221,15 +239,42 @@ def pseudo_labels(method: Method, dataset: VOCDataset, maps_dir: Path, out_dir: 
                               has_background=dataset.classes.has_background, rule=recipe.rule, refine=recipe.refine,
                               iterations=recipe.iterations, crf=recipe.crf, scale=recipe.scale,
                               softmax=recipe.softmax, **params)
-    matrix = ConfusionMatrix(dataset.classes.num_classes, class_names=dataset.classes.names)
-    for i, image_id in enumerate(dataset.ids):
+    write_pseudo_labels(settings, dataset, out_dir)
+    return {**label_scores(dataset, out_dir), "rule": recipe.rule, "refine": recipe.refine, "params": params}
+
+
+def write_pseudo_labels(settings: PseudoSettings, dataset: VOCDataset, out_dir: Path) -> None:
+    """``out_dir/<id>.png`` of every image of ``dataset`` that has none yet, with ``settings``."""
+    for image_id in dataset.ids:
         path = out_dir / f"{image_id}.png"
         if not path.is_file():
             write_mask(path, pseudo_label_for(settings, image_id, dataset.image_path(image_id)))
-        matrix.update(read_mask(path), dataset.load_mask(i))  # 255 in a pseudo label: no label (coverage)
+
+
+def label_scores(dataset: VOCDataset, label_dir: Path) -> dict[str, float]:
+    """mIoU over the pixels the PNGs of ``label_dir`` label (255 = no label) and their coverage of the labelled
+    ground truth."""
+    matrix = ConfusionMatrix(dataset.classes.num_classes, class_names=dataset.classes.names)
+    for i, image_id in enumerate(dataset.ids):
+        matrix.update(read_mask(label_dir / f"{image_id}.png"), dataset.load_mask(i))
     metrics = matrix.compute()
-    return {"miou": float(metrics["miou"]), "coverage": float(metrics["coverage"]), "rule": recipe.rule,
-            "refine": recipe.refine, "params": params}
+    return {"miou": float(metrics["miou"]), "coverage": float(metrics["coverage"])}
+
+
+def psa_masks(settings: PipelineSettings, dataset: VOCDataset, run: Path, threshold: float | None) -> dict[str, Any]:
+    """PSA's mask step on the train seeds of ``run/maps_train``: confident labels, AffinityNet, random walk."""
+    confident_dir, walk_dir = run / "psa_confident", run / "psa_train"
+    confident = PseudoSettings(maps_dir=run / "maps_train", num_classes=dataset.classes.num_classes,
+                               has_background=dataset.classes.has_background, rule="psa_confident", refine="crf",
+                               crf="psa", low_alpha=PSA_ALPHAS[0], high_alpha=PSA_ALPHAS[1])
+    write_pseudo_labels(confident, dataset, confident_dir)
+    trainer = train_run(f"affinity_{settings.recipe_name}", run / "affinity", settings,
+                        [f"data.mask_dir={confident_dir}"])
+    walk = WalkSettings(background=PSA_BACKGROUND if threshold is None else float(threshold))
+    walk_split(trainer.model, dataset, run / "maps_train", walk_dir, walk, trainer.mean, trainer.std, trainer.device,
+               progress=False)
+    return {"confident": label_scores(dataset, confident_dir), "pseudo_train": label_scores(dataset, walk_dir),
+            "walk": walk.describe()}
 
 
 def segment_and_score(settings: PipelineSettings, run_dir: Path, mask_dir: Path | None,
@@ -315,9 +360,15 @@ def run_pipeline(settings: PipelineSettings,
         if isinstance(trainer.model, Segmenter):  # an end-to-end method (GETAM): its own single-stage output
             row["own_segment_eval"] = stages.run(f"{method.name}/own_segment", lambda: segmentation_miou(
                 trainer, eval_set, run / f"own_pred_{settings.eval_split}"))
-        if settings.segment == "all":
-            row.update(stages.run(f"{method.name}/segment",
-                                  lambda: segment_and_score(settings, run / "segment", run / "pseudo_train", eval_set)))
+        if settings.segment == "all" and "refine" in settings.mask_steps:
+            row.update(stages.run(f"{method.name}/segment", lambda: segment_and_score(
+                settings, run / "segment", run / "pseudo_train", eval_set)))
+        if "psa" in settings.mask_steps:
+            row["psa"] = dict(stages.run(f"{method.name}/psa",
+                                         lambda: psa_masks(settings, train_set, run, seed_train["threshold"])))
+            if settings.segment == "all":
+                row["psa"].update(stages.run(f"{method.name}/psa_segment", lambda: segment_and_score(
+                    settings, run / "segment_psa", run / "psa_train", eval_set)))
         results["methods"][method.name] = row
         update(results)
 
@@ -345,6 +396,11 @@ def results_table(results: dict[str, Any]) -> str:
         coverage = f"{100 * pseudo['coverage']:.0f}%" if pseudo else "—"
         lines.append(f"| {name} | {pct(r['seed_train'])} | {pct(r['seed_eval'])} | {pct(pseudo.get('miou'))} | "
                      f"{coverage} | {pct(r.get('segment_eval'))} |")
+        if r.get("psa"):
+            psa = r["psa"]
+            lines.append(f"| {name} + PSA random walk (confident {pct(psa['confident']['miou'])}, "
+                         f"{100 * psa['confident']['coverage']:.0f}%) | | | {pct(psa['pseudo_train']['miou'])} | "
+                         f"{100 * psa['pseudo_train']['coverage']:.0f}% | {pct(psa.get('segment_eval'))} |")
     priors = results["priors"]
     lines.append(f"| prior: centre / mean mask | | {pct(priors['centre'])} / {pct(priors['mean_mask'])} | | | |")
     supervised = (results.get("supervised") or {}).get("segment_eval")

@@ -29,6 +29,7 @@ from ..localize.base import parse_memory_size
 from ..localize.split import iter_split_maps
 from ..methods import REGISTRY
 from ..models import checkpoint
+from ..models.multiview import check_views
 from ..pseudo.labels import maps_to_labels
 from . import options, sharding
 
@@ -67,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--map-resolution", choices=("compact", "full"), default="compact",
                    help="compact (default): maps stored at a quarter of the patch size per pixel (4x the token "
                    "grid, float16), upsampled when read; full: at the image size")
-    options.add_views(p)
+    options.add_views(p, squares=True)
     options.add_normalization(p)
     options.add_batching(p)
     options.add_limit(p)
@@ -105,10 +106,11 @@ def map_stride(resolution: str, patch_size: int) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Write the maps (and labels) of every image of the split whose files the manifest of ``--out`` lacks."""
+    check_views(args.scales, args.square_sizes)
     shard = sharding.join(args)
     source = checkpoint.resolve(args.checkpoint)
     model, spec = checkpoint.load(source, shard.device)
-    vit = model.encoder if spec.is_segmenter else model
+    vit = options.classifier_of(model, spec, source)
     dataset = VOCDataset(args.data, args.split, class_names=spec.classes)
     options.check_classes(spec, dataset.classes.names, source, args.data)
     options.check_classifier(vit.num_classes, dataset.classes.num_fg, source, args.data)
@@ -124,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     settings = {"checkpoint_sha256": checkpoint_digest(source), "method": args.method, "start_layer": args.start_layer,
                 "scales": [float(s) for s in args.scales], "flip": bool(args.flip), "mean": list(mean),
                 "std": list(std), "labels": with_labels, "threshold": threshold, "map_stride": stride}
+    if args.square_sizes:  # only when used, so folders written before the option still resume
+        settings["square_sizes"] = list(args.square_sizes)
     indices = shard.take(options.limited(range(len(dataset)), args.limit))
     names = {i: [f"{dataset.ids[i]}.npz"] + ([f"labels/{dataset.ids[i]}.png"] if with_labels else [])
              for i in indices}
@@ -133,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         todo = [i for i in indices if not all(manifest.trusted(name) for name in names[i])]
         maps_iter = iter_split_maps(vit, dataset, args.method, args.scales, args.flip, mean, std, indices=todo,
                                     device=shard.device, memory_budget=args.memory_budget,
-                                    batch_size=args.batch_size,
+                                    batch_size=args.batch_size, square_sizes=args.square_sizes,
                                     num_workers=options.loader_workers(args, shard.device), **localizer_options)
         for image_id, maps, labels in tqdm(maps_iter, total=len(todo), desc=f"{args.method} maps",
                                            disable=not shard.is_main):

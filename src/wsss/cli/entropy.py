@@ -49,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
     device = options.resolve_device(args.device)
     source = checkpoint.resolve(args.checkpoint)
     model, spec = checkpoint.load(source, device)
-    if spec.is_segmenter:
-        model = model.encoder
+    model = options.classifier_of(model, spec, source)
     dataset = VOCDataset(args.data, args.split)
     options.check_classes(spec, dataset.classes.names, source, args.data)
     options.check_classifier(model.num_classes, dataset.classes.num_fg, source, args.data)

@@ -39,6 +39,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("cam", "cam", "write localisation maps (.npz) for a split, and label PNGs"),
     ("maps", "maps", "localisation maps, heat-map pictures and labels for any images (files or folders)"),
     ("pseudo", "pseudo", "turn saved maps (<id>.npz) into pseudo-label PNGs"),
+    ("affinity", "affinity", "PSA's mask step: train AffinityNet on confident labels, random-walk the seeds"),
     ("predict", "predict", "segment a split with a trained segmentation model and write label PNGs"),
     ("eval", "eval", "score predictions (label PNGs or .npz maps) against a split's ground truth"),
     ("methods", "methods", "list the registered methods: maps, options, presets, pseudo-label recipes"),

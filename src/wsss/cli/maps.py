@@ -25,7 +25,7 @@ from ..data.transforms import eval_transforms
 from ..errors import ConfigError, DataError
 from ..methods import REGISTRY
 from ..models import checkpoint, create_model
-from ..models.multiview import resize_to_multiple
+from ..models.multiview import check_views, views
 from ..pseudo.labels import maps_to_labels
 from ..visualize import class_legend, label_tile, labels_present, overlay, save_picture, titled_grid
 from . import options
@@ -65,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=options.fraction, default=None,
                    help="background threshold: also write OUT/labels/<name>.png (0 = background, k = the k-th "
                    "class localised; default: none, no labels)")
-    options.add_views(p)
+    options.add_views(p, squares=True)
     options.add_normalization(p)
     options.add_device(p)
     p.set_defaults(func=run)
@@ -110,7 +110,7 @@ def _load(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Modu
             raise ConfigError("--weights and --class-names go with --model; a checkpoint carries its own")
         source = checkpoint.resolve(args.checkpoint)
         model, spec = checkpoint.load(source, device)
-        vit = model.encoder if spec.is_segmenter else model
+        vit = options.classifier_of(model, spec, source)
         mean, std = options.normalization(args, spec, source)
         names = None
         if spec.classes is not None:
@@ -159,6 +159,7 @@ def picture(image: np.ndarray, maps: np.ndarray, names: Sequence[str], logits: S
 
 def run(args: argparse.Namespace) -> int:
     """Localise the chosen classes of every image and write its maps, picture and (with a threshold) labels."""
+    check_views(args.scales, args.square_sizes)
     device = options.resolve_device(args.device)
     images = find_images(args.inputs)
     model, names, mean, std = _load(args, device)
@@ -172,10 +173,12 @@ def run(args: argparse.Namespace) -> int:
             pixels = read_image(path)
             tensor, _ = transform(pixels)
             x = tensor[None].to(device)
-            with torch.no_grad():
-                scores = model(resize_to_multiple(x, 1.0, model.patch_size))[0].float().cpu()  # logits
+            with torch.no_grad():  # the logits of the first view's geometry (the image, or its first square)
+                first = next(views(x, [1.0], model.patch_size, args.square_sizes))
+                scores = model(first)[0].float().cpu()
             classes = fixed if fixed is not None else scores.topk(k).indices.tolist()
-            maps = loc(x, [classes], scales=args.scales, flip=args.flip)[0].cpu().numpy()
+            maps = loc(x, [classes], scales=args.scales, flip=args.flip, square_sizes=args.square_sizes)[0]
+            maps = maps.cpu().numpy()
             save_maps(_output(args.out, name, ".npz"), maps, classes)
             shown = [names[c] if names else str(c) for c in classes]
             labels = None

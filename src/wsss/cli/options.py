@@ -186,6 +186,18 @@ def check_classes(spec: "ModelSpec", names: Sequence[str], source: str | Path, d
                               f"{list(names)}")
 
 
+def classifier_of(model: "torch.nn.Module", spec: "ModelSpec", source: str | Path) -> "torch.nn.Module":
+    """The ViT a localisation command reads: the checkpoint's classifier, or the backbone of a ViT segmentation
+    model; a model with no ViT classifier (an AffinityNet, a DeepLab) is a :class:`CheckpointError`."""
+    if spec.task == "classification":
+        return model
+    encoder = getattr(model, "encoder", None)
+    if spec.task != "segmentation" or encoder is None:
+        raise CheckpointError(f"{source} is a {spec.segmenter.get('decoder')} model with no classifier to localise "
+                              "(localise with the classifier run that made its training labels)")
+    return encoder
+
+
 def check_classifier(num_outputs: int, num_fg: int, source: str | Path, data: str | Path) -> None:
     """A classifier to localise must have one output per foreground class of the dataset."""
     if num_outputs == 0:
@@ -195,12 +207,18 @@ def check_classifier(num_outputs: int, num_fg: int, source: str | Path, data: st
                               f"classes")
 
 
-def add_views(parser: argparse.ArgumentParser, what: str = "maps") -> None:
-    """``--scales`` (resize factors > 0 of the views) and ``--flip``."""
+def add_views(parser: argparse.ArgumentParser, what: str = "maps", squares: bool = False) -> None:
+    """``--scales`` (resize factors > 0 of the views) and ``--flip``; with ``squares`` also ``--square-sizes``
+    (views resized to squares instead of by the scales, :func:`wsss.models.multiview.views`)."""
     group = parser.add_argument_group("test-time views")
     group.add_argument("--scales", type=positive_float, nargs="+", metavar="S", default=[1.0],
-                       help=f"resize factors of the views whose {what} are summed")
-    group.add_argument("--flip", action="store_true", help="add the horizontally flipped view of every scale")
+                       help=f"resize factors of the views whose {what} are summed (the aspect ratio kept)")
+    group.add_argument("--flip", action="store_true", help="add the horizontally flipped view of every view")
+    if squares:
+        group.add_argument("--square-sizes", type=positive_int, nargs="+", metavar="S", default=None,
+                           help=f"instead of --scales: views resized to each S x S (the aspect ratio not kept), "
+                           f"their {what} summed at the image size; ACR's infer_cam: 384 with --flip (default: "
+                           "none)")
 
 
 def add_batching(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,8 @@ the PNGs written; a rerun with the same settings skips the PNGs it lists, so an 
 stopped. Other settings are an error unless ``--overwrite``; a PNG it does not list is recomputed. Each PNG is
 written atomically. The normalisation (mean/std) and the class list come from the checkpoint. Scales are relative
 to each image's own size (GETAM's test instead resizes to squares of 256, 320 and 480, distorting the aspect ratio).
+``--fusion`` combines the views: the mean of their logits (GETAM), or the pixel-wise max of each scale's softmax
+(AReAM's test: ``--scales 0.5 0.75 1 1.25 1.5 --fusion max --crf-preset aream``, no flip).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ..data.voc import VOCDataset
 from ..errors import CheckpointError, ConfigError
 from ..models import checkpoint
 from ..refine.crf import CRF_PRESETS
-from ..segment.predict import predict_split
+from ..segment.predict import FUSIONS, predict_split
 from ..train.validate import labels_grid
 from ..visualize import save_picture
 from . import options, sharding
@@ -47,7 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--refine", choices=("none", "crf"), default=None,
                    help="refinement of the probabilities before the argmax, as in wsss pseudo (default: none; crf "
                    "where --crf-preset is given)")
-    options.add_crf(p, CRF_PRESETS, "psa with --refine crf; getam is GETAM's test setting")
+    options.add_crf(p, CRF_PRESETS, "psa with --refine crf; getam is GETAM's test setting, aream AReAM's")
     p.add_argument("--overwrite", action="store_true",
                    help="start over: delete the files the manifest of --out lists, even if made with other settings")
     p.add_argument("--show", action="store_true",
@@ -58,6 +60,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="GETAM's test geometry instead of --scales/--flip: the image resized to each S x S (aspect "
                    "ratio not kept), logits averaged at the image size; GETAM: 256 320 480 with --crf-preset getam "
                    "(default: none)")
+    p.add_argument("--fusion", choices=FUSIONS, default="mean",
+                   help="how the views combine: mean (of their logits, then the softmax; GETAM) or max (the "
+                   "pixel-wise max of each scale's softmax; AReAM's test: --scales 0.5 0.75 1 1.25 1.5 --fusion max "
+                   "--crf-preset aream, no flip) (default: mean)")
     options.add_normalization(p)
     options.add_batching(p)
     options.add_limit(p)
@@ -72,6 +78,8 @@ def manifest_settings(digest: str, args: argparse.Namespace, mean: Sequence[floa
                 "crf": crf_preset(args), "mean": list(mean), "std": list(std)}
     if args.square_sizes:  # only when used, so folders written before the option still resume
         settings["square_sizes"] = list(args.square_sizes)
+    if args.fusion != "mean":  # likewise
+        settings["fusion"] = args.fusion
     return settings
 
 
@@ -91,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
     source = checkpoint.resolve(args.checkpoint)
     model, spec = checkpoint.load(source, shard.device)
     if not spec.is_segmenter:
-        raise CheckpointError(f"{source} is a classifier; `wsss predict` needs a segmentation model "
-                              "(localise a classifier with `wsss cam`)")
+        raise CheckpointError(f"{source} is a{'n' if spec.task[0] in 'aeiou' else ''} {spec.task} model; `wsss "
+                              "predict` needs a segmentation model (localise a classifier with `wsss cam`, walk "
+                              "maps with an AffinityNet with `wsss affinity walk`)")
     dataset = VOCDataset(args.data, args.split, require_labels=False, class_names=spec.classes)
     options.check_classes(spec, dataset.classes.names, source, args.data)
     mean, std = options.normalization(args, spec, source)
@@ -105,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
                                          std=std, device=shard.device, indices=indices, manifest=manifest,
                                          batch_size=args.batch_size,
                                          num_workers=options.loader_workers(args, shard.device),
-                                         progress=shard.is_main, square_sizes=args.square_sizes)
+                                         progress=shard.is_main, square_sizes=args.square_sizes,
+                                         fusion=args.fusion)
     if args.show:  # drawn from the PNGs on disk, so a resumed run shows the images it skipped too
         for i in indices:
             save_picture(args.out / SHOW_DIR / f"{dataset.ids[i]}.png",

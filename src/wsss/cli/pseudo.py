@@ -31,6 +31,7 @@ from ..errors import ConfigError, DataError
 from ..methods import REGISTRY, get_method
 from ..localize.split import iter_split_maps
 from ..models import checkpoint
+from ..models.multiview import check_views
 from ..pseudo.generate import PseudoSettings, pseudo_label, pseudo_label_for
 from ..refine.affinity import NORMALIZATIONS
 from ..refine.crf import CRF_PRESETS
@@ -75,9 +76,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="rule (AReAM): labels of the HIGH run, 255 where only the LOW run finds foreground (e.g. 0.55 0.35)",
     )
     rule.add_argument("--psa-alpha", type=options.positive_float, metavar="A", help="rule: PSA background (1 - max)^A (1 or 12)")
+    rule.add_argument(
+        "--psa-confident", type=options.positive_float, nargs=2, metavar=("LOW", "HIGH"),
+        help="rule (PSA, for wsss affinity train): the LOW-alpha run's classes, background where the HIGH-alpha run "
+        "finds it, 255 between (AReAM/MCTformer: 1 12; PSA: 4 32); refined with the PSA CRF unless --refine says "
+        "otherwise")
     rule.add_argument("--completion", action="store_true", help="rule: GETAM activation-aware label completion")
     parser.add_argument("--refine", choices=REFINEMENTS, default=None,
-                        help="refinement before labelling (default: the recipe's, else none)")
+                        help="refinement before labelling (default: the recipe's, else crf with --psa-confident and "
+                        "none otherwise)")
     parser.add_argument("--iterations", type=options.non_negative_int, default=None,
                         help="PAMR / PAR iterations (default: the recipe's, else 10)")
     options.add_crf(parser, CRF_PRESETS, "the recipe's, else psa")
@@ -105,7 +112,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="start over: delete the files the manifest of --out lists, even if made with other "
                         "settings")
-    options.add_views(parser)
+    options.add_views(parser, squares=True)
     options.add_normalization(parser)
     options.add_batching(parser)
     options.add_limit(parser)
@@ -125,9 +132,11 @@ def _rule(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, Any]
         rule, params = "two_thresholds", dict(zip(("high", "low"), args.two_thresholds))
     elif args.psa_alpha is not None:
         rule, params = "psa", {"alpha": args.psa_alpha}
+    elif args.psa_confident is not None:
+        rule, params = "psa_confident", dict(zip(("low_alpha", "high_alpha"), args.psa_confident))
     else:
         rule, params = "completion", {"cut_threshold": 0.9}
-    return rule, params, {"refine": "none", "iterations": 10, "crf": "psa",
+    return rule, params, {"refine": "crf" if rule == "psa_confident" else "none", "iterations": 10, "crf": "psa",
                           "scale": 0.5 if rule == "two_thresholds" else 1.0, "softmax": False}
 
 
@@ -147,6 +156,8 @@ def settings_from_args(args: argparse.Namespace, num_classes: int, has_backgroun
         raise ConfigError(f"--saliency and --cut-threshold are only used with --completion (the rule here: {rule})")
     if rule == "two_thresholds" and params["low"] > params["high"]:
         raise ConfigError(f"--two-thresholds wants HIGH LOW, got {params['high']} {params['low']}")
+    if rule == "psa_confident" and params["low_alpha"] > params["high_alpha"]:
+        raise ConfigError(f"--psa-confident wants LOW HIGH, got {params['low_alpha']} {params['high_alpha']}")
     if args.affinity is not None and refinement["refine"] != "affinity":
         raise ConfigError("--affinity is only used with --refine affinity")
     if refinement["refine"] == "affinity" and args.affinity is None:
@@ -206,17 +217,19 @@ def _map_source(args: argparse.Namespace, dataset: VOCDataset, device: torch.dev
     ``--checkpoint``."""
     source = checkpoint.resolve(args.checkpoint)
     model, spec = checkpoint.load(source, device)
-    vit = model.encoder if spec.is_segmenter else model
+    vit = options.classifier_of(model, spec, source)
     options.check_classes(spec, dataset.classes.names, source, args.data)
     options.check_classifier(vit.num_classes, dataset.classes.num_fg, source, args.data)
     mean, std = options.normalization(args, spec, source)
     method = args.map_method or (args.method and get_method(args.method).own_map) or "getam"
     made_by = {"checkpoint_sha256": checkpoint_digest(source), "method": method,
                "scales": [float(s) for s in args.scales], "flip": bool(args.flip), "mean": list(mean), "std": list(std)}
+    if args.square_sizes:  # only when used, so folders written before the option still resume
+        made_by["square_sizes"] = list(args.square_sizes)
 
     def localise(indices: Sequence[int]):
         return iter_split_maps(vit, dataset, method, args.scales, args.flip, mean, std, indices=indices,
-                               device=device, batch_size=args.batch_size,
+                               device=device, batch_size=args.batch_size, square_sizes=args.square_sizes,
                                num_workers=options.loader_workers(args, device))
 
     return localise, made_by
@@ -226,8 +239,10 @@ def run(args: argparse.Namespace) -> int:
     """Write the pseudo labels of every image of the split whose PNG the manifest of ``--out`` does not list."""
     if args.maps is not None and not args.maps.is_dir():
         raise DataError(args.maps, "maps folder not found")
-    if args.maps is not None and args.map_method is not None:
-        raise ConfigError("--map-method is used with --checkpoint; the maps of --maps were made already")
+    if args.maps is not None and (args.map_method is not None or args.square_sizes):
+        raise ConfigError("--map-method and --square-sizes are used with --checkpoint; the maps of --maps were made "
+                          "already")
+    check_views(args.scales, args.square_sizes)
     shard = sharding.join(args)
     # A folder of your own images takes its class list from the model it was trained for.
     names = None if args.checkpoint is None else checkpoint.read_spec(checkpoint.resolve(args.checkpoint)).classes

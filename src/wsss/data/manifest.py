@@ -3,7 +3,7 @@
 ``wsss cam``, ``wsss pseudo`` and ``wsss predict`` keep ``OUT/wsss-manifest.json`` beside their outputs::
 
     {"format": "wsss-manifest", "version": 1,
-     "kind": "pseudo",                          # cam | pseudo | predict (ground_truth: true masks, never an output)
+     "kind": "pseudo",                          # cam | pseudo | random_walk | predict (ground_truth: true masks, never an output)
      "command": "wsss pseudo", "arguments": {...}, "wsss_version": "0.1.0",   # for the record only
      "data": {"root": "/abs/voc", "split": "train"},
      "settings": {...},                         # everything that decides the output files
@@ -45,7 +45,7 @@ MANIFEST_NAME = "wsss-manifest.json"
 PART_PATTERN = "wsss-manifest.part-*.json"
 FORMAT = "wsss-manifest"
 VERSION = 1
-OUTPUT_KINDS = ("cam", "pseudo", "predict")
+OUTPUT_KINDS = ("cam", "pseudo", "random_walk", "predict")
 GROUND_TRUTH_KIND = "ground_truth"
 # Folder names of a VOC-layout dataset that hold its images and true masks.
 DATASET_FOLDER_NAMES = ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "SegmentationObject")
@@ -314,6 +314,15 @@ def untrusted_files(folder: str | Path, names: Iterable[str]) -> tuple[dict[str,
 
 
 # ------------------------------------------------------------------------------------------------- the manifest
+
+
+def pending(names: Mapping[int, str], out_dir: str | Path, manifest: "OutputManifest | None") -> list[int]:
+    """The keys of ``names`` (image index -> output file name) still to write: with ``manifest``, those it does not
+    list unchanged (the others it lists are warned about); without, those with no file in ``out_dir``."""
+    if manifest is None:
+        return [i for i, name in names.items() if not (Path(out_dir) / name).is_file()]
+    manifest.warn_untrusted(names.values())
+    return [i for i, name in names.items() if not manifest.trusted(name)]
 
 
 class OutputManifest:

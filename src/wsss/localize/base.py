@@ -1,7 +1,8 @@
 """The shared base of every map method: class handling, multi-scale/flip aggregation, normalisation.
 
 A method implements :meth:`Localizer.token_maps`, which returns raw non-negative maps on the patch grid for one
-view. The base class resizes each view to a multiple of the patch size, upsamples its maps to the input size,
+view. The base class resizes each view to a multiple of the patch size (by a scale, keeping the aspect ratio, or to
+a square), upsamples its maps to the input size,
 un-flips the flipped views, sums the views (as the papers do, :func:`wsss.models.multiview.sum_over_views`) and
 min-max normalises each map.
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..models.multiview import sum_over_views
+from ..models.multiview import check_views, sum_over_views
 from ..models.vit import ViTOutput
 
 log = logging.getLogger(__name__)
@@ -357,25 +358,29 @@ class Localizer(ABC):
 
     def __call__(self, images: Tensor, classes: Tensor | Sequence[Sequence[int]], scales: Sequence[float] = (1.0,),
                  flip: bool = False, normalize: bool = True, eval_mode: bool = True,
-                 memory_budget: int | str | None = None) -> Tensor:
+                 memory_budget: int | str | None = None, square_sizes: Sequence[int] | None = None) -> Tensor:
         """Maps ``(B, K, H, W)`` at the input size for the given classes.
 
         Args:
             images: normalised images ``(B, 3, H, W)``.
             classes: ``(B, K)`` class indices (classifier outputs), or per-image lists (padded with empty maps).
             scales: resize factors (> 0) of the views; each view is rounded to a multiple of the patch size.
-            flip: add the horizontally flipped view of each scale.
+            flip: add the horizontally flipped view of each scale (or square size).
             normalize: min-max normalise each map to [0, 1]; otherwise the raw non-negative sum over views.
             eval_mode: run the model in eval mode (False keeps its current mode: AReAM's training pass runs with
                 drop-path active, as the authors' code does).
             memory_budget: bytes (or a size such as ``"4G"``) one pass may take; None: :attr:`memory_budget`, else
                 :func:`default_memory_budget`. A view over it runs in chunks, or at a reduced size (logged).
+            square_sizes: instead of ``scales`` (leave them at ``[1]``), views resized to ``S x S`` for each ``S``
+                (rounded to a multiple of the patch size; the aspect ratio not kept), as ACR's ``infer_cam.py``
+                (384) and GETAM's test do; the maps still come back at ``H x W``.
         """
         if self.model is None:
             raise RuntimeError("this localiser was released")
         if images.ndim != 4:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         scales = checked_scales(scales)
+        check_views(scales, square_sizes)
         cls = as_class_tensor(classes, images.shape[0], images.device)
         budget = memory_budget if memory_budget is not None else self.memory_budget
         budget = default_memory_budget(images.device) if budget is None else parse_memory_size(budget)
@@ -418,7 +423,8 @@ class Localizer(ABC):
         if eval_mode:
             self.model.eval()
         try:
-            total = sum_over_views(view_maps, images, scales, flip, self.patch_size, self.align_corners)
+            total = sum_over_views(view_maps, images, scales, flip, self.patch_size, self.align_corners,
+                                   square_sizes)
         finally:
             self.model.train(was_training)
         total = total.clamp_min(0) * (cls >= 0)[:, :, None, None]

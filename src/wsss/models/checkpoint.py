@@ -1,7 +1,8 @@
 """The one checkpoint format: weights as safetensors, and a spec that carries everything needed to use them.
 
 The spec (JSON in the safetensors metadata under ``wsss_model``) records the architecture (backbone preset, head,
-pool, class count, training size, and the segmentation decoder if any), the dataset's class names, the input
+pool, class count, training size, and the segmentation decoder if any; a DeepLab's CNN backbone has no head, pool or
+training size, and those entries keep their defaults), the dataset's class names, the input
 normalisation (mean/std), the method that trained it and the resolved training config. :func:`load` is the one way
 in: ``model, spec = load(path)`` works on a run folder, a checkpoint folder or a ``model.safetensors`` file, and
 the commands take the normalisation and classes from ``spec``.
@@ -24,15 +25,13 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 
 from ..data.io import atomic_path
-from ..errors import CheckpointError, naming
-from .factory import create_model, load_into
-from .decoders import make_segmenter
-from .segmenter import Segmenter
+from ..errors import CheckpointError, ConfigError, naming
+from .factory import CNN_BACKBONES, create_model, load_into
+from .decoders import DECODERS, is_segmentation_model, make_segmenter
 from .vit import VisionTransformer
-from .weights import load_state_dict
+from .weights import META_KEY, load_state_dict
 
 MODEL_FILE = "model.safetensors"
-META_KEY = "wsss_model"
 SPEC_VERSION = 2
 LATEST = Path("checkpoints") / "latest"
 
@@ -41,8 +40,10 @@ LATEST = Path("checkpoints") / "latest"
 class ModelSpec:
     """What a checkpoint holds besides its weights.
 
-    ``arch`` is the backbone preset (:func:`wsss.models.list_models`); ``segmenter`` the decoder settings of a
-    :class:`~wsss.models.segmenter.Segmenter` (None for a classifier); ``classes`` the dataset's class names
+    ``arch`` is the backbone preset (:func:`wsss.models.list_models`); ``segmenter`` the settings of a segmentation
+    model (its ``config()``: the decoder and its settings, :mod:`wsss.models.decoders`; None for a classifier);
+    ``head``, ``pool``, ``num_classes`` and ``img_size`` describe a ViT backbone (a CNN backbone, ``resnet101`` or
+    ``resnet38d``, has none of them: they keep their defaults, ``num_classes`` 0); ``classes`` the dataset's class names
     (background first where it has one); ``mean``/``std`` the input normalisation; ``method`` the registered method
     that trained it; ``config`` the resolved training config.
     """
@@ -61,8 +62,17 @@ class ModelSpec:
     version: int = SPEC_VERSION
 
     @property
+    def task(self) -> str:
+        """``classification`` (no decoder), else its decoder's task: ``segmentation`` or ``affinity``."""
+        if self.segmenter is None:
+            return "classification"
+        decoder = DECODERS.get(self.segmenter.get("decoder", "light"))
+        return "segmentation" if decoder is None else decoder.task
+
+    @property
     def is_segmenter(self) -> bool:
-        return self.segmenter is not None
+        """Whether the model segments (its output is per-class logits at the input size)."""
+        return self.task == "segmentation"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -110,12 +120,24 @@ def _is(value: Any, kinds: tuple[type, ...]) -> bool:
 def describe(model: nn.Module, arch: str, classes: Sequence[str] | None = None,
              mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
              method: str | None = None, config: dict[str, Any] | None = None) -> ModelSpec:
-    """The spec of ``model`` (a :class:`VisionTransformer` or a :class:`~wsss.models.segmenter.Segmenter` around one)."""
-    segmenter = model.config() if isinstance(model, Segmenter) else None
-    vit: VisionTransformer = model.encoder if isinstance(model, Segmenter) else model
-    return ModelSpec(arch=arch, head=vit.head_type, pool=vit.pool, num_classes=vit.num_classes,
-                     img_size=(vit.base_grid[0] * vit.patch_size, vit.base_grid[1] * vit.patch_size),
-                     segmenter=segmenter, classes=None if classes is None else list(classes),
+    """The spec of ``model``: a classifier (a :class:`VisionTransformer` or Conformer) or a segmentation model (a
+    :class:`~wsss.models.segmenter.Segmenter` on a ViT, or a DeepLab on the CNN backbone ``arch``).
+
+    Raises:
+        ConfigError: ``model`` is a bare CNN backbone: it has no classifier, only a DeepLab decoder makes it a model.
+    """
+    segmenter = model.config() if is_segmentation_model(model) else None
+    if arch in CNN_BACKBONES:
+        if segmenter is None:
+            fitting = [n for n, d in DECODERS.items() if isinstance(model, d.backbone)]
+            raise ConfigError(f"{arch} is a headless CNN backbone without a classifier: train it with method "
+                              f"segmentation and decoder {' or '.join(fitting) or 'deeplabv2/deeplab_resnet38'}")
+        backbone: dict[str, Any] = {}
+    else:
+        vit: VisionTransformer = model.encoder if segmenter is not None else model
+        backbone = {"head": vit.head_type, "pool": vit.pool, "num_classes": vit.num_classes,
+                    "img_size": (vit.base_grid[0] * vit.patch_size, vit.base_grid[1] * vit.patch_size)}
+    return ModelSpec(arch=arch, **backbone, segmenter=segmenter, classes=None if classes is None else list(classes),
                      mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std), method=method,
                      config=config)
 
@@ -177,8 +199,8 @@ def read_spec(path: str | Path) -> ModelSpec:
 
 
 def load(path: str | Path, device: torch.device | str | None = None) -> tuple[nn.Module, ModelSpec]:
-    """``(model, spec)`` of a checkpoint: a classifier (:class:`VisionTransformer`) or a segmentation model, its
-    weights loaded strictly, in eval mode (on ``device`` if given)."""
+    """``(model, spec)`` of a checkpoint: a classifier (:class:`VisionTransformer`) or a segmentation model (on a
+    ViT, or a DeepLab), its weights loaded strictly, in eval mode (on ``device`` if given)."""
     path = resolve(path)
     spec = read_spec(path)
     model = build(spec, source=str(path))
@@ -189,9 +211,11 @@ def load(path: str | Path, device: torch.device | str | None = None) -> tuple[nn
 
 def build(spec: ModelSpec, source: str = "checkpoint") -> nn.Module:
     """A freshly initialised model of the architecture ``spec`` (read from ``source``) describes."""
+    # A CNN backbone takes none of the ViT entries (they are at their defaults in its spec).
+    vit = {} if spec.arch in CNN_BACKBONES else dict(head=spec.head, pool=spec.pool, num_classes=spec.num_classes,
+                                                    img_size=tuple(spec.img_size))
     try:
-        backbone = create_model(spec.arch, head=spec.head, pool=spec.pool, num_classes=spec.num_classes,
-                                img_size=tuple(spec.img_size))
+        backbone = create_model(spec.arch, **vit)
         if spec.segmenter is None:
             return backbone
         return make_segmenter(backbone, spec.segmenter)

@@ -1,14 +1,23 @@
-"""``create_model``: named presets, heads and checkpoint loading with a strict fit check."""
+"""``create_model``: named presets, heads and checkpoint loading with a strict fit check.
+
+Three families: the ViT presets (:data:`wsss.models.vit.PRESETS`), the Conformers, and the headless CNN backbones
+of the DeepLab and AffinityNet decoders (:data:`CNN_BACKBONES`: ``resnet101``, ``resnet38d``), which only a decoder
+(:func:`wsss.models.decoders.make_segmenter`) turns into a model.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
+from .resnet import ResNet, resnet101
+from .resnet38 import ResNet38, resnet38d
 from .vit import PRESETS, VisionTransformer, grid_side
 from .weights import describe_mismatch, load_state_dict
 
@@ -16,6 +25,28 @@ log = logging.getLogger(__name__)
 
 # The Conformer presets have their own two heads (CNN and transformer branch), named ``head="conformer"``.
 CONFORMER_HEAD = "conformer"
+
+
+@dataclass(frozen=True)
+class CNNBackbone:
+    """A headless CNN backbone preset: how it is built, how a weights file loads into it, and which file that is."""
+
+    build: Callable[[], nn.Module]
+    load: Callable[[Any, Mapping[str, Tensor]], object]  # strict; drops only the file's ImageNet/VOC classifier
+    weights: str
+
+
+CNN_BACKBONES: dict[str, CNNBackbone] = {
+    # DeepLabV2's ResNet-101 at output stride 8 (dilation 2 in layer3, 4 in layer4), torchvision's names.
+    "resnet101": CNNBackbone(lambda: resnet101(num_classes=None, replace_stride_with_dilation=(False, True, True)),
+                             ResNet.load_torchvision, "torchvision's resnet101-*.pth (its fc is dropped)"),
+    # PSA's ResNet-38 (flat names, frozen BatchNorm and conv1a).
+    "resnet38d": CNNBackbone(resnet38d, ResNet38.load_psa,
+                             "PSA's resnet38d.pth or res38_cls.pth (its fc8 is dropped)"),
+}
+
+# The ViT arguments the engine passes to every backbone, at the values that change nothing on a CNN backbone.
+_NEUTRAL_FOR_CNN = {"head": "token", "pool": "avg", "drop_path_rate": 0.0}
 
 
 def _conformer_presets() -> dict:
@@ -26,7 +57,7 @@ def _conformer_presets() -> dict:
 
 def list_models() -> list[str]:
     """Architecture names accepted by :func:`create_model` (add ``.TAG`` for pretrained weights)."""
-    return sorted([*PRESETS, *_conformer_presets()])
+    return sorted([*PRESETS, *_conformer_presets(), *CNN_BACKBONES])
 
 
 def create_model(name: str, weights: str | Path | None = None, num_classes: int | None = None,
@@ -48,9 +79,15 @@ def create_model(name: str, weights: str | Path | None = None, num_classes: int 
         pretrained: download (or find in the cache) the weights ``name``'s tag names.
         **overrides (Any): any other constructor argument (``drop_path_rate``, ``img_size``, ...).
 
+    The CNN backbones (:data:`CNN_BACKBONES`) are built headless, their weights loaded strictly (only the file's
+    classifier is dropped). ``num_classes`` does not apply to them (the segmentation decoder has the classes; the
+    engine passes the dataset's count to every backbone); ``head``, ``pool`` and ``drop_path_rate`` must stay at the
+    values that change nothing (``token``, ``avg``, 0), and other overrides are not accepted.
+
     Raises:
         CheckpointError: the checkpoint cannot be found or read, or does not fit (it lists the mismatched keys and
             shapes).
+        ConfigError: a ViT-only setting given to a CNN backbone.
     """
     from .hub import resolve_pretrained, split_name
 
@@ -62,6 +99,34 @@ def create_model(name: str, weights: str | Path | None = None, num_classes: int 
     elif tag is not None:
         raise ValueError(f"{name!r} names pretrained weights: pass pretrained=True, or weights=FILE with the bare "
                          f"architecture name {arch!r}")
+    if arch in CNN_BACKBONES:
+        return _create_cnn(arch, weights, head=head, pool=pool, **overrides)
+    return _create_transformer(arch, weights, num_classes, head, pool, overrides)
+
+
+def _create_cnn(arch: str, weights: str | Path | None, **vit_arguments: Any) -> nn.Module:
+    """The headless CNN backbone ``arch``, with ``weights`` loaded strictly; any ViT argument that would change
+    something is an error, not ignored."""
+    changed = [f"{key}={value!r}" for key, value in vit_arguments.items()
+               if key not in _NEUTRAL_FOR_CNN or value != _NEUTRAL_FOR_CNN[key]]
+    if changed:
+        raise ConfigError(f"{arch} is a headless CNN backbone (for the DeepLab and AffinityNet decoders) and takes no ViT setting: "
+                          f"got {', '.join(changed)}; leave head, pool and drop_path_rate at their defaults (token, "
+                          f"avg, 0)")
+    preset = CNN_BACKBONES[arch]
+    model = preset.build()
+    if weights is not None:
+        state = load_state_dict(weights)
+        try:
+            preset.load(model, state)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{weights}: {exc} (expected {preset.weights})") from exc
+    return model
+
+
+def _create_transformer(arch: str, weights: str | Path | None, num_classes: int | None, head: str, pool: str,
+                        overrides: dict[str, Any]) -> nn.Module:
+    """A ViT or Conformer preset (see :func:`create_model`)."""
     conformers = _conformer_presets()
     if arch not in PRESETS and arch not in conformers:
         raise ValueError(f"unknown model {arch!r}; choose one of {', '.join(list_models())}")

@@ -47,6 +47,17 @@ class TokenHead(nn.Linear):
         return HeadOutput(self(tokens[:, 0]))
 
 
+class TokenPreNormHead(TokenHead):
+    """ACR's classifier (``cls_head`` of the authors' ``DPT/ACR.py``, methods.md §3): a linear layer on the class
+    token of the last block's raw output.
+
+    The authors' forward hook takes block 11's output before the final LayerNorm, and ``cls_head`` reads its class
+    token; ``token`` reads the class token after that norm. Same layer and checkpoint keys as ``token``.
+    """
+
+    final_norm = False
+
+
 class GapHead(nn.Linear):
     """A linear classifier on the mean of the patch tokens."""
 
@@ -142,4 +153,4 @@ class NoHead(nn.Identity):
 
 
 HEADS: dict[str, type[nn.Module]] = {"token": TokenHead, "gap": GapHead, "conv": ConvHead, "mct": MCTHead,
-                                     "getam": GETAMHead}
+                                     "getam": GETAMHead, "token_prenorm": TokenPreNormHead}

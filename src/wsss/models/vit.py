@@ -199,14 +199,16 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT/DeiT backbone with one of four classification heads.
+    """ViT/DeiT backbone with a classification head of :data:`wsss.models.heads.HEADS`.
 
     Heads (``head_type``):
       - ``token``: a linear layer on the class token (distilled DeiT averages its two prefix-token heads);
+      - ``token_prenorm``: the same on the last block's class token before the final norm (ACR);
       - ``gap``: a linear layer on the mean of the patch tokens;
       - ``conv``: a 1x1 convolution on the patch map (a CAM head) pooled by ``pool`` = ``avg`` or ``max``;
       - ``mct``: MCTformer-style, one class token per class; the logits are each class token's channel mean and a
-        3x3 conv patch head gives a second set of logits and the CAM.
+        3x3 conv patch head gives a second set of logits and the CAM;
+      - ``getam``: GETAM's project readout and conv classifier on the last block's raw output.
 
     The variants of the named presets (as timm builds them):
       - ``hybrid_layers``: a ResNetV2 stem with these stage depths replaces the patch embedding (R50+ViT, stride 16;

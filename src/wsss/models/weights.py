@@ -19,6 +19,7 @@ from ..errors import CheckpointError
 from . import convert
 
 HUB_PREFIX = "hf-hub:"
+META_KEY = "wsss_model"  # the safetensors metadata entry that holds a wsss checkpoint's spec
 
 
 def resolve_weights(spec: str | Path) -> Path:
@@ -42,13 +43,20 @@ def resolve_weights(spec: str | Path) -> Path:
 
 
 def load_state_dict(spec: str | Path) -> dict[str, Tensor]:
-    """Read a state dict from ``.safetensors``, ``.pth``/``.pt``/``.bin`` or JAX ``.npz``."""
+    """Read a state dict from ``.safetensors``, ``.pth``/``.pt``/``.bin`` or JAX ``.npz``; a wsss checkpoint (its
+    metadata holds the spec under :data:`META_KEY`) keeps its keys as they are, every other file is unwrapped and
+    converted (the module docstring)."""
     path = resolve_weights(spec)
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
+            with safe_open(str(path), framework="pt") as f:
+                own = META_KEY in (f.metadata() or {})
+            if own:  # a wsss checkpoint holds the model's own names (DeepLabV2's backbone.*): nothing to rename
+                return load_file(str(path))
             state = unwrap_state_dict(load_file(str(path)))
         elif suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:

@@ -10,11 +10,13 @@ from .labels import (
     background_argmax,
     channels_to_labels,
     maps_to_labels,
+    psa_confident_labels,
     psa_labels,
     sorted_by_label,
     two_threshold_labels,
 )
 from .generate import RULES
+from .random_walk import WalkSettings, walk_label, walk_split
 from .morphology import binary_opening
 
 __all__ = [
@@ -27,8 +29,12 @@ __all__ = [
     "percentile_threshold",
     "RULES",
     "psa_background",
+    "psa_confident_labels",
     "psa_labels",
     "sorted_by_label",
     "two_threshold_labels",
+    "walk_label",
+    "walk_split",
+    "WalkSettings",
     "with_background",
 ]

@@ -18,9 +18,9 @@ from ..errors import ConfigError, DataError
 from ..refine.crf import CRFParams
 from ..refine.refiner import REFINEMENTS, Refiner, make_refiner
 from .completion import label_completion
-from .labels import maps_to_labels, psa_labels, two_threshold_labels
+from .labels import maps_to_labels, psa_confident_labels, psa_labels, two_threshold_labels
 
-RULES = ("threshold", "two_thresholds", "psa", "completion")
+RULES = ("threshold", "two_thresholds", "psa", "psa_confident", "completion")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,8 @@ class PseudoSettings:
     """How to turn ``maps_dir/<id>.npz`` into a label map.
 
     ``rule`` is one of :data:`RULES` with its parameters (``bg_threshold``; ``high``/``low``;
-    ``alpha``; ``cut_threshold`` and an optional ``saliency_dir`` of ``<id>.png``, > 0 = salient).
+    ``alpha``; ``low_alpha``/``high_alpha`` (PSA's confident labels for AffinityNet, 255 between); ``cut_threshold``
+    and an optional ``saliency_dir`` of ``<id>.png``, > 0 = salient).
     ``refine`` is one of :data:`wsss.refine.REFINEMENTS`; ``affinity_dir`` holds ``<id>.npz`` files
     with ``affinity`` (N, N) and ``grid`` (h, w) for the ``affinity`` refinement. ``scale`` resizes the
     score stack before the refinement (AReAM uses 0.5). Datasets without a background class get 255
@@ -43,6 +44,8 @@ class PseudoSettings:
     high: float = 0.55
     low: float = 0.35
     alpha: float = 1.0
+    low_alpha: float = 1.0
+    high_alpha: float = 12.0
     cut_threshold: float = 0.9
     saliency_dir: Path | None = None
     refine: str = "none"
@@ -66,6 +69,10 @@ class PseudoSettings:
             raise ConfigError("label completion refines the class maps alone; a CRF needs a background channel")
         if self.saliency_dir is not None and self.rule != "completion":
             raise ConfigError("a saliency folder is only used by label completion")
+        if self.rule == "psa_confident" and (self.low_alpha > self.high_alpha or self.softmax or self.scale != 1):
+            raise ConfigError("PSA's confident labels take LOW <= HIGH alphas, on the maps at full size without a "
+                              f"softmax (got {self.low_alpha}, {self.high_alpha}, softmax {self.softmax}, scale "
+                              f"{self.scale})")
         if not 0 < self.scale <= 1:
             raise ConfigError(f"scale must lie in (0, 1], got {self.scale}")
 
@@ -100,12 +107,14 @@ def _read_affinity(path: Path) -> tuple[torch.Tensor, tuple[int, int]]:
     return torch.from_numpy(affinity), (int(grid[0]), int(grid[1]))
 
 
-def _read_maps(settings: PseudoSettings, image_id: str, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    path = settings.maps_path(image_id)
-    maps, classes = load_maps(path, settings.num_classes)
-    if settings.has_background and np.any(classes == 0):
+def read_maps_for(path: Path, num_classes: int, has_background: bool, image_id: str,
+                  image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(maps (K, H, W), classes (K,))`` of one image's maps file, checked against the class set and the image
+    size (a :class:`DataError` naming the file otherwise)."""
+    maps, classes = load_maps(path, num_classes)
+    if has_background and np.any(classes == 0):
         raise DataError(path, "maps include the background label 0: they were made for a class set without background")
-    if maps.shape[1:] != image_size:
+    if maps.shape[1:] != tuple(image_size):
         raise DataError(
             path, f"maps are {maps.shape[1]}x{maps.shape[2]} but image {image_id!r} is {image_size[0]}x{image_size[1]}"
         )
@@ -119,7 +128,8 @@ def pseudo_label_for(settings: PseudoSettings, image_id: str, image_path: Path) 
     if settings.maps_dir is None:
         raise ConfigError("these pseudo-label settings have no maps folder: pass the maps to pseudo_label")
     image = read_image(image_path)
-    maps, classes = _read_maps(settings, image_id, image.shape[:2])
+    maps, classes = read_maps_for(settings.maps_path(image_id), settings.num_classes, settings.has_background,
+                                  image_id, image.shape[:2])
     return pseudo_label(settings, image_id, image, maps, classes)
 
 
@@ -149,6 +159,8 @@ def pseudo_label(settings: PseudoSettings, image_id: str, image: np.ndarray, map
                                       scale=settings.scale, **common)[0]
     elif settings.rule == "psa":
         labels = psa_labels(maps_t, classes, settings.alpha, softmax=settings.softmax, scale=settings.scale, **common)
+    elif settings.rule == "psa_confident":
+        labels = psa_confident_labels(maps_t, classes, settings.low_alpha, settings.high_alpha, **common)
     else:
         labels = _completion(settings, image_id, maps_t, classes, refiner)
     return labels.numpy().astype(np.uint8)

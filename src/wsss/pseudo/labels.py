@@ -174,3 +174,29 @@ def two_threshold_labels(
     seg = lookup.gather(1, index_high.flatten(1)).view_as(index_high)
     seg[(index_high == 0) & (index_low != 0)] = IGNORE_INDEX
     return seg
+
+
+def psa_confident_labels(
+    maps: torch.Tensor,
+    classes: Sequence[int] | torch.Tensor,
+    low_alpha: float = 1.0,
+    high_alpha: float = 12.0,
+    refine: Refiner | None = None,
+    background_label: int = 0,
+) -> torch.Tensor:
+    """PSA's confident labels for AffinityNet (``VOC12AffDataset``): two :func:`psa_labels` runs, 255 between.
+
+    ``(1 - max)^alpha`` is a large background score for a small alpha, so the ``low_alpha`` run (1 in
+    AReAM/MCTformer, 4 in PSA) only keeps strong foreground and the ``high_alpha`` run (12; 32 in PSA) only strong
+    background. As the authors: the label is the low run's class where it finds foreground, background where the
+    high run finds background, and 255 (no pair label) elsewhere. With a CRF refiner (PSA's ``crf_inference``) each
+    run is PSA's ``crf_with_alpha``.
+    """
+    if low_alpha > high_alpha:
+        raise ValueError(f"low_alpha {low_alpha} exceeds high_alpha {high_alpha}")
+    maps, classes_t = sorted_by_label(maps, classes)
+    scores = _scores_dtype(maps)
+    low = background_argmax(maps, psa_background(scores, low_alpha), refine)
+    high = background_argmax(maps, psa_background(scores, high_alpha), refine)
+    index = low.masked_fill(low == 0, IGNORE_INDEX).masked_fill(high == 0, 0)
+    return channels_to_labels(index, classes_t, background_label)

@@ -104,3 +104,41 @@ def refine_with_affinity(
     walked = propagate(tokens, affinity, power, steps, log_steps, normalize, symmetrize, eps=eps)
     walked = walked.reshape(batch, channels, grid_h, grid_w)
     return F.interpolate(walked, size=(height, width), mode="bilinear", align_corners=False)
+
+
+PSA_BETA = 8.0  # methods.md §4: AReAM's main_psa.sh (PSA's defaults)
+PSA_LOGT = 6
+PSA_BACKGROUND = 0.39
+
+
+def psa_random_walk(
+    maps: torch.Tensor,
+    affinity: torch.Tensor,
+    stride: int,
+    background: float = PSA_BACKGROUND,
+    beta: float = PSA_BETA,
+    log_steps: int = PSA_LOGT,
+) -> torch.Tensor:
+    """PSA's random walk (``infer_aff.py``) of ``(B, K, H, W)`` class maps with an AffinityNet's ``(B, N, N)``
+    affinity; returns the walked scores ``(B, K + 1, H, W)``, channel 0 the background.
+
+    As the authors: a constant background score ``background`` goes in front of the maps; the stack is
+    zero-padded at the bottom and right to multiples of ``stride`` (the padded image the network saw), averaged
+    over ``stride x stride`` cells onto the ``(ceil(H/s), ceil(W/s))`` grid, walked with
+    ``T = (A^beta / column sums)^(2^log_steps)`` (``cam @ T``), upsampled bilinearly to the padded size and
+    cropped back to ``H x W``. The argmax over channels is the label.
+    """
+    if maps.ndim != 4:
+        raise ValueError(f"maps must be (B, K, H, W), got {tuple(maps.shape)}")
+    batch, _, height, width = maps.shape
+    grid_h, grid_w = -(-height // stride), -(-width // stride)
+    if affinity.shape != (batch, grid_h * grid_w, grid_h * grid_w):
+        raise ValueError(f"affinity {tuple(affinity.shape)} does not fit {height}x{width} maps at stride {stride}: "
+                         f"expected ({batch}, {grid_h * grid_w}, {grid_h * grid_w})")
+    scores = torch.cat([maps.new_full((batch, 1, height, width), float(background)), maps], dim=1)
+    padded = F.pad(scores, (0, grid_w * stride - width, 0, grid_h * stride - height))
+    tokens = F.avg_pool2d(padded, stride, stride).flatten(2)
+    walked = propagate(tokens, affinity, power=beta, log_steps=log_steps, normalize="column", eps=0.0)
+    walked = walked.view(batch, -1, grid_h, grid_w)
+    walked = F.interpolate(walked, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+    return walked[:, :, :height, :width]

@@ -300,9 +300,16 @@ class ValSection(_Section):
     method: str = "cam"
     limit: PositiveInt | None = None
     scales: Annotated[list[PositiveFloat], Field(min_length=1)] = [1.0]
+    square_sizes: list[PositiveInt] | None = None  # ACR's geometry: the image resized to S x S, instead of scales
     flip: bool = False
     thresholds: ThresholdGrid = [0.0, 1.0, 0.01]  # [start, stop, step] of the background-threshold sweep
     images: NonNegativeInt = 4  # how many validation images TensorBoard shows; 0 for none
+
+    @model_validator(mode="after")
+    def _one_geometry(self) -> "ValSection":
+        if self.square_sizes and [float(s) for s in self.scales] != [1.0]:
+            raise PydanticCustomError("views", "square_sizes replace the scales: give one or the other")
+        return self
 
     @field_validator("method")
     @classmethod

@@ -558,8 +558,8 @@ class Trainer:
     def _validate_miou(self, dataset: VOCDataset, n: int) -> dict[str, Any]:
         v = self.cfg["val"]
         rank, world = self.dist.rank, self.dist.world_size
-        options = dict(method=v["method"], scales=v["scales"], flip=v["flip"], device=self.device, mean=self.mean,
-                       std=self.std)
+        options = dict(method=v["method"], scales=v["scales"], square_sizes=v["square_sizes"], flip=v["flip"],
+                       device=self.device, mean=self.mean, std=self.std)
         # Validation must not move the training RNG streams (a resumed run does not repeat it).
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             sweep = maps_sweep(self.model, dataset, thresholds=v["thresholds"], indices=range(rank, n, world),

@@ -1,0 +1,98 @@
+"""``wsss affinity train|walk`` end to end on a tiny synthetic dataset: the engine trains the affinity objective, the
+walk writes what the library computes, resumes from its manifest, and the other commands refuse the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wsss.cli.main import main
+from wsss.data.io import read_mask, save_maps
+from wsss.data.synth import make_synthetic
+from wsss.data.transforms import eval_transforms
+from wsss.data.voc import VOCDataset
+from wsss.models import checkpoint
+from wsss.pseudo.random_walk import WalkSettings, walk_label
+
+TINY = ["model.name=vit_nano_patch16", "model.weights=null", "train.steps=6", "train.ckpt_every=3",
+        "data.batch_size=2", "data.num_workers=0", "data.transforms.crop=96", "data.transforms.random_scale=null",
+        "method.radius=3", "train.log_every=1", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("affinity")
+    data = make_synthetic(tmp / "data", num_train=4, num_val=2, size=96, num_classes=2, seed=3)
+    run = tmp / "run"
+    # The true masks stand in for confident labels (data.mask_dir unset: SegmentationClass).
+    assert main(["affinity", "train", "--config", "affinity_msrc", f"data.root={data}", f"run_dir={run}",
+                 *TINY]) == 0
+    maps_dir = tmp / "maps"
+    dataset = VOCDataset(data, "train")
+    rng = np.random.default_rng(0)
+    for i, image_id in enumerate(dataset.ids):
+        mask = dataset.load_mask(i)
+        classes = sorted(int(c) for c in np.unique(mask) if c not in (0, 255))
+        maps = np.stack([(mask == c) * 0.6 + rng.random(mask.shape) * 0.3 for c in classes]).astype(np.float32)
+        save_maps(maps_dir / f"{image_id}.npz", maps, classes)
+    return {"data": data, "run": run, "maps": maps_dir, "tmp": tmp}
+
+
+def test_train_writes_an_affinity_checkpoint_and_logs_psas_terms(trained):
+    model, spec = checkpoint.load(trained["run"])
+    assert spec.task == "affinity" and not spec.is_segmenter and spec.method == "affinity"
+    assert spec.segmenter == {"decoder": "affinity", "radius": 3, "levels": [1, 2, 3]}
+    rows = [json.loads(line) for line in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in rows] == list(range(1, 7))
+    for row in rows:  # PSA's weighting of its three terms
+        assert row["loss"] == pytest.approx(row["aff_bg"] / 4 + row["aff_fg"] / 4 + row["aff_neg"] / 2, rel=1e-5)
+
+
+def test_walk_writes_the_library_labels_and_resumes(trained, capsys):
+    out = trained["tmp"] / "walked"
+    argv = ["affinity", "walk", "--checkpoint", str(trained["run"]), "--maps", str(trained["maps"]), "--data",
+            str(trained["data"]), "--split", "train", "--out", str(out), "--beta", "4", "--logt", "3", "--device",
+            "cpu"]
+    assert main(argv) == 0
+    assert "wrote 4 random-walk labels" in capsys.readouterr().out
+    model, spec = checkpoint.load(trained["run"])
+    dataset = VOCDataset(trained["data"], "train")
+    transform = eval_transforms(None, spec.mean, spec.std)
+    from wsss.data.io import load_maps
+
+    for i, image_id in enumerate(dataset.ids):
+        image, _ = transform(dataset.load_image(i))
+        maps, classes = load_maps(trained["maps"] / f"{image_id}.npz")
+        expected = walk_label(model, image, torch.from_numpy(maps), classes, WalkSettings(0.39, 4.0, 3))
+        assert np.array_equal(read_mask(out / f"{image_id}.png"), expected.numpy())
+    settings = json.loads((out / "wsss-manifest.json").read_text())["settings"]
+    assert (settings["beta"], settings["log_steps"], settings["background"]) == (4.0, 3, 0.39)
+    assert main(argv) == 0
+    assert "wrote 0 random-walk labels" in capsys.readouterr().out
+    assert main(argv[:-6] + ["--beta", "8", "--device", "cpu"]) == 2  # other settings: refused without --overwrite
+
+
+def test_other_commands_refuse_an_affinitynet(trained, capsys):
+    common = ["--data", str(trained["data"]), "--split", "val", "--device", "cpu"]
+    assert main(["predict", "--checkpoint", str(trained["run"]), "--out", str(trained["tmp"] / "p"), *common]) == 2
+    assert "affinity model" in capsys.readouterr().err
+    assert main(["cam", "--checkpoint", str(trained["run"]), "--out", str(trained["tmp"] / "c"), *common]) == 2
+    assert "no classifier to localise" in capsys.readouterr().err
+
+
+def test_train_refuses_another_objective_and_walk_a_classifier(trained, tmp_path, capsys):
+    assert main(["affinity", "train", "--config", "baseline_msrc", f"data.root={trained['data']}"]) == 2
+    assert "trains the affinity objective" in capsys.readouterr().err
+    from wsss.models import create_model
+    from wsss.models.checkpoint import describe, save
+
+    vit = create_model("vit_nano_patch16", num_classes=2)
+    save(tmp_path / "cls.safetensors", vit, describe(vit, "vit_nano_patch16", ["background", "a", "b"]))
+    assert main(["affinity", "walk", "--checkpoint", str(tmp_path / "cls.safetensors"), "--maps", str(trained["maps"]),
+                 "--data", str(trained["data"]), "--split", "train", "--out", str(tmp_path / "w")]) == 2
+    assert "not an AffinityNet" in capsys.readouterr().err
