@@ -11,7 +11,7 @@ from PIL import Image
 
 from wsss.data.io import voc_palette
 from wsss.data.voc import VOCDataset
-from wsss.visualize import (class_legend, colorize, colour_bar, dataset_palette, grid_cell, label_tile,
+from wsss.visualize import (class_legend, colorize, colour_bar, grid_cell, label_tile,
                             labels_present, titled_grid)
 
 # The first colours of CamVid's label PNGs (Sky, Building, Pole, Road): Sky is grey there, black in VOC's palette.
@@ -35,7 +35,7 @@ def _camvid_like(root: Path) -> Path:
 
 def test_colorize_uses_the_datasets_own_palette(tmp_path):
     dataset = VOCDataset(_camvid_like(tmp_path / "camvid"), "val")
-    palette = dataset_palette(dataset)
+    palette = dataset.palette()
     labels = np.array([[0, 1], [3, 255]], np.uint8)
     drawn = colorize(labels, palette)
     assert drawn[0, 0].tolist() == [128, 128, 128]  # Sky, not VOC's black
@@ -54,18 +54,18 @@ def test_colorize_uses_the_datasets_own_palette(tmp_path):
 def test_the_shared_camvid_palette_draws_sky_grey(shared_data):
     dataset = VOCDataset(shared_data / "camvid", "val")
     assert dataset.classes.names[0] == "Sky"
-    assert colorize(np.zeros((1, 1), np.uint8), dataset_palette(dataset))[0, 0].tolist() == [128, 128, 128]
+    assert colorize(np.zeros((1, 1), np.uint8), dataset.palette())[0, 0].tolist() == [128, 128, 128]
 
 
 def test_a_dataset_without_a_palette_keeps_vocs(tmp_path):
     root = _camvid_like(tmp_path / "grey")
     for image_id in ("a", "b"):
         Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(root / "SegmentationClass" / f"{image_id}.png")
-    assert dataset_palette(VOCDataset(root, "val")) is None
+    assert VOCDataset(root, "val").palette() is None
 
 
 def test_label_tiles_hold_only_palette_colours_and_the_legend_shows_them(tmp_path):
-    palette = dataset_palette(VOCDataset(_camvid_like(tmp_path / "camvid"), "val"))
+    palette = VOCDataset(_camvid_like(tmp_path / "camvid"), "val").palette()
     labels = np.array([[0, 1, 1], [3, 3, 255]], np.uint8)
     tile = label_tile(labels, 60, palette)
     assert tile.shape == (60, 60, 3)
@@ -107,3 +107,35 @@ def test_a_grid_with_a_colour_bar_puts_it_beside_the_rows():
     right = barred[:, plain.shape[1]:]
     red = (np.asarray(colormaps["jet"](1.0)[:3]) * 255).round().astype(np.uint8)
     assert (right == red).all(axis=-1).any()
+
+
+def test_label_pngs_of_pseudo_and_predict_carry_the_datasets_palette(tmp_path):
+    """A pseudo-label or prediction PNG opened in an image viewer shows the dataset's colours, not VOC's."""
+    import torch
+
+    from wsss.cli.main import main
+    from wsss.data.io import read_mask, save_maps, write_mask
+    from wsss.models import create_model
+    from wsss.models.checkpoint import describe, save
+    from wsss.models.segmenter import SegmentationModel
+
+    root = _camvid_like(tmp_path / "camvid")
+    for image_id in ("a", "b"):
+        save_maps(tmp_path / "maps" / f"{image_id}.npz", np.random.default_rng(0).random((2, 8, 8)), [0, 3])
+    assert main(["pseudo", "--maps", str(tmp_path / "maps"), "--data", str(root), "--split", "val", "--threshold",
+                 "0.5", "--out", str(tmp_path / "pseudo")]) == 0
+    torch.manual_seed(0)
+    model = SegmentationModel(create_model("vit_nano_patch16", num_classes=0, img_size=(16, 16)), 4, dim=8)
+    names = ["Sky", "Building", "Pole", "Road"]
+    save(tmp_path / "seg.safetensors", model, describe(model, "vit_nano_patch16", names))
+    assert main(["predict", "--checkpoint", str(tmp_path / "seg.safetensors"), "--data", str(root), "--split", "val",
+                 "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    for folder in ("pseudo", "pred"):
+        with Image.open(tmp_path / folder / "a.png") as im:
+            assert im.mode == "P" and im.getpalette()[:12] == [v for colour in CAMVID for v in colour]
+        assert read_mask(tmp_path / folder / "a.png").shape == (8, 8)
+    write_mask(tmp_path / "voc.png", np.zeros((2, 2), np.uint8))  # no palette given: VOC's
+    with Image.open(tmp_path / "voc.png") as im:
+        assert im.getpalette()[:6] == voc_palette()[:2].reshape(-1).tolist()
+    with pytest.raises(ValueError, match="256 RGB colours"):
+        write_mask(tmp_path / "bad.png", np.zeros((2, 2), np.uint8), np.zeros((4, 3), np.uint8))

@@ -245,10 +245,11 @@ def pseudo_labels(method: Method, dataset: VOCDataset, maps_dir: Path, out_dir: 
 
 def write_pseudo_labels(settings: PseudoSettings, dataset: VOCDataset, out_dir: Path) -> None:
     """``out_dir/<id>.png`` of every image of ``dataset`` that has none yet, with ``settings``."""
+    palette = dataset.palette()
     for image_id in dataset.ids:
         path = out_dir / f"{image_id}.png"
         if not path.is_file():
-            write_mask(path, pseudo_label_for(settings, image_id, dataset.image_path(image_id)))
+            write_mask(path, pseudo_label_for(settings, image_id, dataset.image_path(image_id)), palette)
 
 
 def label_scores(dataset: VOCDataset, label_dir: Path) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """Pictures for people: heat-map overlays of localisation maps, colour-coded label maps, titled grids with a class
 legend and a colour bar.
 
-Label maps are drawn in the dataset's own palette where its masks carry one (:func:`dataset_palette`; CamVid's sky
+Label maps are drawn in the dataset's own palette where its masks carry one (:meth:`wsss.data.voc.VOCDataset.palette`; CamVid's sky
 is grey, not VOC's black), else in the VOC palette; :func:`class_legend` takes the same palette, so the legend shows
 the colours drawn.
 """
@@ -44,15 +44,6 @@ def label_tile(labels: np.ndarray, tile: int, palette: np.ndarray | None = None)
     """A label map colorized and resized to ``tile`` x ``tile`` with nearest neighbours: only palette colours (the
     legend's), no blended edges."""
     return resize_tile(colorize(labels, palette), tile, nearest=True)
-
-
-def dataset_palette(dataset: "VOCDataset") -> np.ndarray | None:
-    """The palette of the dataset's own masks (``ROOT/SegmentationClass``, read from the first image's mask, not
-    from a ``mask_dir`` of pseudo labels), or None (draw in VOC's) for greyscale masks or none."""
-    root = Path(dataset.root) / "SegmentationClass"
-    for image_id in dataset.ids[:1]:
-        return read_palette(root / f"{image_id}.png")
-    return None
 
 
 def resize_tile(picture: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:

@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     with shard.open_manifest(out, "cam", settings, dataset.root, args.split, overwrite=args.overwrite,
                              command="wsss cam", arguments=vars(args)) as manifest:
         manifest.warn_untrusted(name for i in indices for name in names[i])
+        palette = dataset.palette() if with_labels else None  # label PNGs in the dataset's own colours
         todo = [i for i in indices if not all(manifest.trusted(name) for name in names[i])]
         maps_iter = iter_split_maps(vit, dataset, args.method, args.scales, args.flip, mean, std, indices=todo,
                                     device=shard.device, memory_budget=args.memory_budget,
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                                            disable=not shard.is_main):
             if with_labels:
                 pred = maps_to_labels(torch.from_numpy(maps), labels, threshold)
-                write_mask(out / "labels" / f"{image_id}.png", pred.numpy().astype(np.uint8))
+                write_mask(out / "labels" / f"{image_id}.png", pred.numpy().astype(np.uint8), palette)
                 manifest.record(f"labels/{image_id}.png")
             save_maps(out / f"{image_id}.npz", maps, labels, stride=stride)
             manifest.record(f"{image_id}.npz")

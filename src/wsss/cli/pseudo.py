@@ -21,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -171,9 +172,10 @@ def settings_from_args(args: argparse.Namespace, num_classes: int, has_backgroun
     )
 
 
-def write_pseudo_label(settings: PseudoSettings, image_id: str, image_path: Path, out_path: Path) -> None:
-    """Compute one image's pseudo label and write it atomically to ``out_path``."""
-    write_mask(out_path, pseudo_label_for(settings, image_id, image_path))
+def write_pseudo_label(settings: PseudoSettings, image_id: str, image_path: Path, out_path: Path,
+                       palette: np.ndarray | None = None) -> None:
+    """Compute one image's pseudo label and write it atomically to ``out_path`` (in ``palette``'s colours)."""
+    write_mask(out_path, pseudo_label_for(settings, image_id, image_path), palette)
 
 
 def _worker_init() -> None:
@@ -181,17 +183,17 @@ def _worker_init() -> None:
 
 
 def _write_in_worker(
-    settings: PseudoSettings, image_id: str, image_path: Path, out_path: Path
+    settings: PseudoSettings, image_id: str, image_path: Path, out_path: Path, palette: np.ndarray | None
 ) -> tuple[str | None, str] | None:
     """:func:`write_pseudo_label`, with a DataError returned as ``(path, problem)`` (it does not pickle)."""
     try:
-        write_pseudo_label(settings, image_id, image_path, out_path)
+        write_pseudo_label(settings, image_id, image_path, out_path, palette)
     except DataError as exc:
         return (None if exc.path is None else str(exc.path), exc.problem)
     return None
 
 
-def _run_pool(settings: PseudoSettings, jobs: Sequence[tuple[str, Path, Path]], workers: int,
+def _run_pool(settings: PseudoSettings, jobs: Sequence[tuple[str, Path, Path, np.ndarray | None]], workers: int,
               manifest: OutputManifest) -> None:
     context = multiprocessing.get_context("spawn")  # fork after torch threads started can deadlock
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
@@ -260,11 +262,13 @@ def run(args: argparse.Namespace) -> int:
         manifest.warn_untrusted(f"{dataset.ids[i]}.png" for i in indices)
         todo = [i for i in indices if not manifest.trusted(f"{dataset.ids[i]}.png")]
         if localise is not None:
+            palette = dataset.palette()  # the labels in the dataset's own colours
             index_of = {dataset.ids[i]: i for i in todo}
             for image_id, maps, labels in tqdm(localise(todo), total=len(todo), desc="pseudo labels", unit="img",
                                                disable=not shard.is_main):
                 image = dataset.load_image(index_of[image_id])
-                write_mask(args.out / f"{image_id}.png", pseudo_label(settings, image_id, image, maps, labels))
+                write_mask(args.out / f"{image_id}.png", pseudo_label(settings, image_id, image, maps, labels),
+                           palette)
                 manifest.record(f"{image_id}.png")
         else:
             _from_files(args, settings, dataset, todo, manifest, shard.is_main)
@@ -277,11 +281,13 @@ def run(args: argparse.Namespace) -> int:
 def _from_files(args: argparse.Namespace, settings: PseudoSettings, dataset: VOCDataset, todo: Sequence[int],
                 manifest: OutputManifest, show: bool) -> None:
     """Label the images ``todo`` from their maps files, in this process or ``--workers`` processes."""
-    jobs = [(dataset.ids[i], dataset.image_path(dataset.ids[i]), args.out / f"{dataset.ids[i]}.png") for i in todo]
-    missing = [image_id for image_id, _, _ in jobs if not settings.maps_path(image_id).is_file()]
+    palette = dataset.palette()  # the labels in the dataset's own colours
+    jobs = [(dataset.ids[i], dataset.image_path(dataset.ids[i]), args.out / f"{dataset.ids[i]}.png", palette)
+            for i in todo]
+    missing = [job[0] for job in jobs if not settings.maps_path(job[0]).is_file()]
     if missing:
         raise DataError(settings.maps_path(missing[0]), f"maps file not found ({len(missing)} of {len(jobs)} missing)")
-    maps_manifest, unlisted = untrusted_files(settings.maps_dir, [f"{image_id}.npz" for image_id, _, _ in jobs])
+    maps_manifest, unlisted = untrusted_files(settings.maps_dir, [f"{job[0]}.npz" for job in jobs])
     if unlisted:
         log.warning("%d maps files in %s are not listed in its manifest, or changed since (%s, ...): they were not "
                     "written by the `%s` run it records", len(unlisted), settings.maps_dir, unlisted[0],

@@ -203,15 +203,19 @@ def read_palette(path: str | Path) -> np.ndarray | None:
     return palette
 
 
-def write_mask(path: str | Path, mask: np.ndarray) -> None:
-    """Write an ``(H, W)`` label array as a VOC-palette PNG, atomically."""
+def write_mask(path: str | Path, mask: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Write an ``(H, W)`` label array as a palette PNG, atomically: ``palette`` ``(256, 3)`` uint8 (a dataset's own,
+    :func:`read_palette`), VOC's when None."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
     if mask.min(initial=0) < 0 or mask.max(initial=0) > 255:
         raise ValueError("mask values must lie in 0..255")
     im = Image.fromarray(mask.astype(np.uint8), mode="P")
-    im.putpalette(voc_palette().reshape(-1).tolist())
+    colours = voc_palette() if palette is None else np.asarray(palette, dtype=np.uint8)
+    if colours.shape != (256, 3):
+        raise ValueError(f"a palette has 256 RGB colours, got shape {colours.shape}")
+    im.putpalette(colours.reshape(-1).tolist())
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     write_bytes_atomic(path, buf.getvalue())

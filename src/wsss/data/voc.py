@@ -31,7 +31,7 @@ from PIL import UnidentifiedImageError
 
 from ..errors import ConfigError, DataError
 from .classes import ClassSet
-from .io import IGNORE_INDEX, open_image, read_image, read_mask
+from .io import IGNORE_INDEX, open_image, read_image, read_mask, read_palette
 from .layout import (ALL_IMAGES, LABEL_FILE_NAMES, ImageFolder, find_labels_file, image_folder_classes,
                      is_image_folder_dataset, read_labels_file, read_split)
 from .transforms import mask_to_tensor, to_tensor
@@ -213,6 +213,15 @@ class VOCDataset(torch.utils.data.Dataset):
     def load_image(self, index: int) -> np.ndarray:
         """The image as uint8 ``(H, W, 3)``."""
         return read_image(self._image_paths[index])
+
+    def palette(self) -> np.ndarray | None:
+        """The ``(256, 3)`` palette of the dataset's own masks (``ROOT/SegmentationClass``, read from the first
+        image's mask, not from a ``mask_dir`` of pseudo labels), or None (VOC's colours) for greyscale masks or
+        none. Label PNGs written for the dataset and pictures of its labels use it."""
+        root = self.root / "SegmentationClass"
+        for image_id in self.ids[:1]:
+            return read_palette(root / f"{image_id}.png")
+        return None
 
     def image_size(self, index: int) -> tuple[int, int]:
         """``(H, W)`` of an image, read from its header only."""

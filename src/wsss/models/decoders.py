@@ -24,11 +24,15 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
+from .conformer import Conformer
 from .dpt import DPTSegmentationModel
 from .resnet import ResNet
 from .resnet38 import ResNet38
 from .segmenter import SegmentationModel
 from .vit import VisionTransformer
+
+
+TRANSFORMERS = (VisionTransformer, Conformer)  # the backbones the ViT decoders read (a Conformer's transformer branch)
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,8 @@ def _deeplab_resnet38(backbone: ResNet38, num_classes: int, config: Mapping[str,
 
 
 DECODERS: dict[str, Decoder] = {
-    "light": Decoder(VisionTransformer, "a ViT", ("levels", "dim", "dropout"), _vit_decoder(SegmentationModel)),
-    "dpt": Decoder(VisionTransformer, "a ViT", ("levels", "dim", "dropout"), _vit_decoder(DPTSegmentationModel)),
+    "light": Decoder(TRANSFORMERS, "a ViT", ("levels", "dim", "dropout"), _vit_decoder(SegmentationModel)),
+    "dpt": Decoder(TRANSFORMERS, "a ViT", ("levels", "dim", "dropout"), _vit_decoder(DPTSegmentationModel)),
     "deeplabv2": Decoder(ResNet, "a headless ResNet (resnet101)", ("rates", "freeze_bn"), _deeplabv2),
     "deeplab_resnet38": Decoder(ResNet38, "PSA's ResNet-38 (resnet38d)",
                                 ("head_channels", "head_dilation", "freeze_bn", "freeze_stem"), _deeplab_resnet38),

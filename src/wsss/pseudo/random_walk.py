@@ -78,6 +78,7 @@ def walk_split(model: nn.Module, dataset: VOCDataset, maps_dir: str | Path, out_
     todo = pending(names, out_dir, manifest)
     to_tensor, normalize = ToTensor(), Normalize(mean, std)
     background_label = 0 if dataset.classes.has_background else IGNORE_INDEX
+    palette = dataset.palette()  # the labels in the dataset's own colours
     model = model.to(device).eval()
     for i in tqdm(todo, desc="random walk", unit="img", disable=not progress):
         pixels = dataset.load_image(i)
@@ -86,7 +87,7 @@ def walk_split(model: nn.Module, dataset: VOCDataset, maps_dir: str | Path, out_
         image, _ = normalize(*to_tensor(pixels))
         label = walk_label(model, image.to(device), torch.from_numpy(maps).to(device), classes, settings,
                            background_label)
-        write_mask(out_dir / names[i], label.numpy().astype(np.uint8))
+        write_mask(out_dir / names[i], label.numpy().astype(np.uint8), palette)
         if manifest is not None:
             manifest.record(names[i])
     return len(todo), len(indices) - len(todo)

@@ -110,13 +110,14 @@ def predict_split(model: nn.Module, dataset: VOCDataset, out_dir: str | Path,
     indices = list(range(len(dataset)) if indices is None else indices)
     names = {i: f"{dataset.ids[i]}.png" for i in indices}
     todo = pending(names, out_dir, manifest)
+    palette = dataset.palette()  # the labels in the dataset's own colours
     model = model.to(device).eval()
     with tqdm(total=len(todo), desc="predict", unit="img", disable=not progress) as bar:
         for images, batch in split_batches(dataset, todo, mean, std, batch_size, num_workers, device,
                                            pixels=crf is not None):
             probs = predict_probs(model, images, scales, flip, square_sizes, fusion)
             for row, item in enumerate(batch):
-                write_mask(out_dir / names[item.index], probs_to_labels(probs[row], item.pixels, crf))
+                write_mask(out_dir / names[item.index], probs_to_labels(probs[row], item.pixels, crf), palette)
                 if manifest is not None:
                     manifest.record(names[item.index])
                 bar.update()

@@ -14,7 +14,7 @@ from ..data.voc import VOCDataset
 from ..evaluate import ThresholdSweep, threshold_grid
 from ..localize.split import iter_split_maps
 from ..pseudo.labels import maps_to_labels
-from ..visualize import class_legend, dataset_palette, label_tile, labels_present, overlay, titled_grid
+from ..visualize import class_legend, label_tile, labels_present, overlay, titled_grid
 
 
 def maps_sweep(model: nn.Module, dataset: VOCDataset, method: str = "cam", scales: Sequence[float] = (1.0,),
@@ -68,7 +68,7 @@ def map_grid(model: nn.Module, dataset: VOCDataset, indices: Sequence[int], meth
     classes drawn, a colour bar of the heat maps. ``(H, W, 3)`` uint8."""
     has_bg = dataset.classes.has_background
     names = dataset.classes.names
-    palette = dataset_palette(dataset)
+    palette = dataset.palette()
     t = (0.5 if threshold is None else threshold) if has_bg else None
     rows, drawn = [], []
     for i, (_, maps, labels) in zip(indices, iter_split_maps(model, dataset, method, scales, flip, mean, std,
@@ -95,7 +95,7 @@ def labels_grid(dataset: VOCDataset, folders: Mapping[str, Path], indices: Seque
     """A titled picture of label PNGs, one row per image: the input (titled with its id), its ground truth (where the split has masks),
     then each folder's ``<id>.png`` (titled by its key; blank where missing), in the dataset's palette with a legend
     of the classes drawn. ``(H, W, 3)`` uint8."""
-    palette = dataset_palette(dataset)
+    palette = dataset.palette()
     rows, drawn = [], []
     for i in indices:
         row = [(f"image {dataset.ids[i]}", dataset.load_image(i))]
