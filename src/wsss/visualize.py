@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
-from .data.io import read_palette, voc_palette, write_bytes_atomic
+from .data.io import voc_palette, write_bytes_atomic
 
 if TYPE_CHECKING:
     from .data.voc import VOCDataset

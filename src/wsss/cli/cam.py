@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.io import save_maps, write_mask
-from ..data.manifest import OutputManifest, check_output_folder, checkpoint_digest
+from ..data.manifest import check_output_folder, checkpoint_digest
 from ..data.voc import VOCDataset
 from ..errors import ConfigError
 from ..localize.attention_gradients import checked_layer

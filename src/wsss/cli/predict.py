@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..data.manifest import OutputManifest, check_output_folder, checkpoint_digest
+from ..data.manifest import check_output_folder, checkpoint_digest
 from ..data.voc import VOCDataset
 from ..errors import CheckpointError, ConfigError
 from ..models import checkpoint

@@ -13,7 +13,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -63,11 +62,11 @@ def _logits_per_size(model: nn.Module, images: Tensor, scales: Sequence[float], 
                      square_sizes: Sequence[int] | None) -> Iterator[Tensor]:
     """The logits at the image size of each view size: every square size, or every scale (the mean of the view
     and its mirror image with ``flip``), computed one at a time."""
-    h, w = images.shape[-2:]
     if square_sizes:
+        # Each square rounded to the model's multiple, as the localisation maps' square views.
         for size in square_sizes:
-            view = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-            yield F.interpolate(model(view).float(), size=(h, w), mode="bilinear", align_corners=False)
+            yield sum_over_views(model, images, [1.0], False, model.patch_size, align_corners=False,
+                                 square_sizes=[size])
         return
     if not scales:
         raise ValueError("give at least one scale")
