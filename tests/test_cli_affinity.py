@@ -96,3 +96,24 @@ def test_train_refuses_another_objective_and_walk_a_classifier(trained, tmp_path
     assert main(["affinity", "walk", "--checkpoint", str(tmp_path / "cls.safetensors"), "--maps", str(trained["maps"]),
                  "--data", str(trained["data"]), "--split", "train", "--out", str(tmp_path / "w")]) == 2
     assert "not an AffinityNet" in capsys.readouterr().err
+
+
+def test_a_crop_too_small_for_the_radius_is_a_config_error(trained, tmp_path, capsys):
+    argv = ["affinity", "train", "--config", "affinity_msrc", f"data.root={trained['data']}",
+            f"run_dir={tmp_path / 'small'}", *TINY, "data.transforms.crop=64"]
+    assert main(argv) == 2
+    assert "too small for pairs within method.radius=3" in capsys.readouterr().err
+
+
+def test_an_image_too_small_for_the_radius_is_a_data_error_naming_it(tmp_path):
+    from wsss.errors import DataError
+    from wsss.models import create_model
+    from wsss.models.affinitynet import ViTAffinityNet
+    from wsss.pseudo.random_walk import walk_split
+
+    data = make_synthetic(tmp_path / "data", num_train=1, num_val=1, size=32, num_classes=2, seed=0)
+    dataset = VOCDataset(data, "train")
+    save_maps(tmp_path / "maps" / f"{dataset.ids[0]}.npz", np.zeros((0, 32, 32), np.float32), [])
+    net = ViTAffinityNet(create_model("vit_nano_patch16", num_classes=1), radius=5)
+    with pytest.raises(DataError, match=r"train_00000\.jpg: a 2x2 feature map is too small"):
+        walk_split(net, dataset, tmp_path / "maps", tmp_path / "out", progress=False)

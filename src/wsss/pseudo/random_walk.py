@@ -22,6 +22,7 @@ from ..data.io import IGNORE_INDEX, write_mask
 from ..data.manifest import OutputManifest, pending
 from ..data.transforms import Normalize, ToTensor
 from ..data.voc import VOCDataset
+from ..errors import DataError
 from ..refine.affinity import PSA_BACKGROUND, PSA_BETA, PSA_LOGT, psa_random_walk
 from .generate import read_maps_for
 from .labels import channels_to_labels, sorted_by_label
@@ -85,8 +86,11 @@ def walk_split(model: nn.Module, dataset: VOCDataset, maps_dir: str | Path, out_
         maps, classes = read_maps_for(maps_dir / f"{dataset.ids[i]}.npz", dataset.classes.num_classes,
                                       dataset.classes.has_background, dataset.ids[i], pixels.shape[:2])
         image, _ = normalize(*to_tensor(pixels))
-        label = walk_label(model, image.to(device), torch.from_numpy(maps).to(device), classes, settings,
-                           background_label)
+        try:
+            label = walk_label(model, image.to(device), torch.from_numpy(maps).to(device), classes, settings,
+                               background_label)
+        except ValueError as exc:  # an image too small for the pair radius on the feature grid
+            raise DataError(dataset.image_path(dataset.ids[i]), str(exc)) from exc
         write_mask(out_dir / names[i], label.numpy().astype(np.uint8), palette)
         if manifest is not None:
             manifest.record(names[i])

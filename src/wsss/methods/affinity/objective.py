@@ -45,6 +45,11 @@ class AffinityObjective:
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
         features = model(batch["image"])
         grid = features.shape[-2:]
+        radius = self.options.radius
+        if grid[0] < radius or grid[1] < 2 * radius - 1:
+            raise ConfigError(f"a {tuple(batch['image'].shape[-2:])} crop gives a {grid[0]}x{grid[1]} feature grid, "
+                              f"too small for pairs within method.radius={radius} (it needs {radius} rows and "
+                              f"{2 * radius - 1} columns): raise data.transforms.crop or lower method.radius")
         labels = F.interpolate(batch["mask"][:, None].float(), size=grid, mode="nearest")[:, 0].long()
         targets = pair_labels(labels, self.options.radius, self.background_label)
         affinity = pair_affinity(features, self.options.radius)
