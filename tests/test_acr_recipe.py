@@ -170,14 +170,21 @@ def test_wsss_maps_with_square_sizes_equals_localize(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_wsss_cam_with_square_sizes_writes_those_maps_and_records_them(tmp_path):
-    data = make_synthetic(tmp_path / "data", num_train=1, num_val=2, size=40, num_classes=2, seed=5)
-    dataset = VOCDataset(data, "val")
+def _prenorm_run(tmp_path, split: str, data_seed: int, model_seed: int):
+    """A 40-px synthetic dataset (2 images in ``split``) and a saved nano classifier with the prenorm head."""
+    counts = {"num_train": 2, "num_val": 1} if split == "train" else {"num_train": 1, "num_val": 2}
+    data = make_synthetic(tmp_path / "data", size=40, num_classes=2, seed=data_seed, **counts)
+    dataset = VOCDataset(data, split)
     torch.manual_seed(0)
     model = _perturbed(create_model("vit_nano_patch16", num_classes=dataset.classes.num_fg, img_size=(32, 32),
-                                    head="token_prenorm"), seed=4)
+                                    head="token_prenorm"), seed=model_seed)
     ckpt = tmp_path / "cls.safetensors"
-    save(ckpt, model, describe(model, "vit_nano_patch16", classes=dataset.classes.names))
+    save(ckpt, model, describe(model, "vit_nano_patch16", classes=dataset.classes.names, method="acr"))
+    return data, dataset, model, ckpt
+
+
+def test_wsss_cam_with_square_sizes_writes_those_maps_and_records_them(tmp_path):
+    data, dataset, model, ckpt = _prenorm_run(tmp_path, "val", data_seed=5, model_seed=4)
     out = tmp_path / "maps"
     assert main(["cam", "--checkpoint", str(ckpt), "--data", str(data), "--split", "val", "--method", "acr",
                  "--square-sizes", "64", "--flip", "--map-resolution", "full", "--out", str(out),
@@ -213,18 +220,12 @@ def test_val_square_sizes_reach_the_pipeline_views_and_exclude_scales():
 
     Run.cfg = cfg
     assert view_options(Run())["square_sizes"] == [384]
-    with pytest.raises(ConfigError, match="square_sizes replace the scales"):
+    with pytest.raises(ConfigError, match="square sizes replace the scales"):
         load_config("acr_voc", ["data.root=/data", "val.scales=[0.5,1.0]"])
 
 
 def test_wsss_pseudo_from_a_checkpoint_uses_the_square_views(tmp_path):
-    data = make_synthetic(tmp_path / "data", num_train=2, num_val=1, size=40, num_classes=2, seed=7)
-    dataset = VOCDataset(data, "train")
-    torch.manual_seed(0)
-    model = _perturbed(create_model("vit_nano_patch16", num_classes=dataset.classes.num_fg, img_size=(32, 32),
-                                    head="token_prenorm"), seed=3)
-    ckpt = tmp_path / "cls.safetensors"
-    save(ckpt, model, describe(model, "vit_nano_patch16", classes=dataset.classes.names, method="acr"))
+    data, dataset, model, ckpt = _prenorm_run(tmp_path, "train", data_seed=7, model_seed=3)
     out = tmp_path / "labels"
     assert main(["pseudo", "--checkpoint", str(ckpt), "--data", str(data), "--split", "train", "--map-method", "acr",
                  "--threshold", "0.4", "--square-sizes", "64", "--flip", "--out", str(out), "--device", "cpu"]) == 0

@@ -11,13 +11,14 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from wsss.data.classes import ClassSet
 from wsss.data.io import IGNORE_INDEX
 from wsss.errors import ConfigError
 from wsss.methods.affinity.objective import AffinityObjective, AffinityOptions
 from wsss.methods.affinity.pairs import PairLabels, affinity_loss, pair_labels
-from wsss.models import create_model
+from wsss.models import Capture, create_model
 from wsss.models.affinitynet import (ResNet38AffinityNet, ViTAffinityNet, build_affinity_net, dense_affinity,
                                      pair_affinity,
                                      pair_indices, pair_offsets)
@@ -285,6 +286,15 @@ def test_vit_affinitynet_reads_three_blocks():
     x = torch.rand(2, 3, 96, 128)
     features = net(x)
     assert features.shape == (2, 448, 6, 8)
+    # By hand: blocks 1 and 2 through their own LayerNorm, block 3 (the last) through the backbone's final norm.
+    out = vit(x, capture=Capture(hidden=True))
+    grids = [norm(out.hidden[level])[:, 1:].permute(0, 2, 1).reshape(2, -1, 6, 8)
+             for level, norm in zip((1, 2), net.norms)]
+    grids.append(vit.norm(out.hidden[3])[:, 1:].permute(0, 2, 1).reshape(2, -1, 6, 8))
+    head = net.affinity_head
+    expected = F.elu(head.f9(torch.cat([F.elu(conv(g)) for conv, g in zip((head.f8_3, head.f8_4, head.f8_5), grids)],
+                                       dim=1)))
+    torch.testing.assert_close(features, expected)
     dense = net.dense_affinity(x)
     assert dense.shape == (2, 48, 48)
     torch.testing.assert_close(dense, dense.transpose(1, 2))

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
 from .data.io import voc_palette, write_bytes_atomic
-
-if TYPE_CHECKING:
-    from .data.voc import VOCDataset
 
 HEAT_MAP_CMAP = "jet"  # overlay's and the colour bar's: blue 0, red 1
 

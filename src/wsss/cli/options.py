@@ -217,8 +217,8 @@ def add_views(parser: argparse.ArgumentParser, what: str = "maps", squares: bool
     if squares:
         group.add_argument("--square-sizes", type=positive_int, nargs="+", metavar="S", default=None,
                            help=f"instead of --scales: views resized to each S x S (the aspect ratio not kept), "
-                           f"their {what} summed at the image size; ACR's infer_cam: 384 with --flip (default: "
-                           "none)")
+                           f"their {what} summed at the image size; ACR's infer_cam: 384 with --flip; GETAM's "
+                           "test: 256 320 480 with --crf-preset getam (default: none)")
 
 
 def add_batching(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from ..data.manifest import check_output_folder, checkpoint_digest
 from ..data.voc import VOCDataset
 from ..errors import CheckpointError, ConfigError
 from ..models import checkpoint
+from ..models.multiview import check_views
 from ..refine.crf import CRF_PRESETS
 from ..segment.predict import FUSIONS, predict_split
 from ..train.validate import labels_grid
@@ -55,11 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--show", action="store_true",
                    help="also write OUT/show/<id>.png for people: the image, its ground truth where the dataset has "
                    "masks and the prediction, titled, in the dataset's palette with a class legend")
-    options.add_views(p, what="probabilities")
-    p.add_argument("--square-sizes", type=options.positive_int, nargs="+", metavar="S", default=None,
-                   help="GETAM's test geometry instead of --scales/--flip: the image resized to each S x S (aspect "
-                   "ratio not kept), logits averaged at the image size; GETAM: 256 320 480 with --crf-preset getam "
-                   "(default: none)")
+    options.add_views(p, what="probabilities", squares=True)
     p.add_argument("--fusion", choices=FUSIONS, default="mean",
                    help="how the views combine: mean (of their logits, then the softmax; GETAM) or max (the "
                    "pixel-wise max of each scale's softmax; AReAM's test: --scales 0.5 0.75 1 1.25 1.5 --fusion max "
@@ -92,9 +89,7 @@ def crf_preset(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """Predict every image of the split whose label PNG the manifest of ``--out`` does not list."""
-    if args.square_sizes and (args.flip or [float(x) for x in args.scales] != [1.0]):
-        raise ConfigError("--square-sizes replaces --scales and --flip (GETAM's test uses no flip); give one or the "
-                          "other")
+    check_views(args.scales, args.square_sizes)
     shard = sharding.join(args)
     source = checkpoint.resolve(args.checkpoint)
     model, spec = checkpoint.load(source, shard.device)

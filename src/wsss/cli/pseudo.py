@@ -26,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 from ..data.io import write_mask
-from ..data.manifest import OutputManifest, check_output_folder, checkpoint_digest, identity_of, untrusted_files
+from ..data.manifest import (OutputManifest, check_output_folder, checkpoint_digest, identity_of, pending,
+                             untrusted_files)
 from ..data.voc import VOCDataset
 from ..errors import ConfigError, DataError
 from ..methods import REGISTRY, get_method
@@ -193,11 +194,11 @@ def _write_in_worker(
     return None
 
 
-def _run_pool(settings: PseudoSettings, jobs: Sequence[tuple[str, Path, Path, np.ndarray | None]], workers: int,
-              manifest: OutputManifest) -> None:
+def _run_pool(settings: PseudoSettings, jobs: Sequence[tuple[str, Path, Path]], palette: np.ndarray | None,
+              workers: int, manifest: OutputManifest) -> None:
     context = multiprocessing.get_context("spawn")  # fork after torch threads started can deadlock
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
-        futures = {pool.submit(_write_in_worker, settings, *job): job[0] for job in jobs}
+        futures = {pool.submit(_write_in_worker, settings, *job, palette): job[0] for job in jobs}
         with tqdm(total=len(futures), desc="pseudo labels", unit="img") as bar:
             for future in as_completed(futures):
                 failure = future.result()
@@ -259,10 +260,9 @@ def run(args: argparse.Namespace) -> int:
     with shard.open_manifest(args.out, "pseudo", manifest_settings(settings, made_by), dataset.root, args.split,
                              overwrite=args.overwrite, command="wsss pseudo", arguments=vars(args)) as manifest:
         # Flushed on the way out, an error included, so the finished PNGs stay listed.
-        manifest.warn_untrusted(f"{dataset.ids[i]}.png" for i in indices)
-        todo = [i for i in indices if not manifest.trusted(f"{dataset.ids[i]}.png")]
+        todo = pending({i: f"{dataset.ids[i]}.png" for i in indices}, args.out, manifest)
+        palette = dataset.palette()  # the labels in the dataset's own colours
         if localise is not None:
-            palette = dataset.palette()  # the labels in the dataset's own colours
             index_of = {dataset.ids[i]: i for i in todo}
             for image_id, maps, labels in tqdm(localise(todo), total=len(todo), desc="pseudo labels", unit="img",
                                                disable=not shard.is_main):
@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
                            palette)
                 manifest.record(f"{image_id}.png")
         else:
-            _from_files(args, settings, dataset, todo, manifest, shard.is_main)
+            _from_files(args, settings, dataset, todo, manifest, palette, shard.is_main)
     written, total = shard.finish(args.out, [len(todo), len(indices)])
     if shard.is_main:
         print(f"wrote {written} pseudo labels to {args.out} ({total - written} already there)")
@@ -279,23 +279,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _from_files(args: argparse.Namespace, settings: PseudoSettings, dataset: VOCDataset, todo: Sequence[int],
-                manifest: OutputManifest, show: bool) -> None:
-    """Label the images ``todo`` from their maps files, in this process or ``--workers`` processes."""
-    palette = dataset.palette()  # the labels in the dataset's own colours
-    jobs = [(dataset.ids[i], dataset.image_path(dataset.ids[i]), args.out / f"{dataset.ids[i]}.png", palette)
-            for i in todo]
-    missing = [job[0] for job in jobs if not settings.maps_path(job[0]).is_file()]
+                manifest: OutputManifest, palette: np.ndarray | None, show: bool) -> None:
+    """Label the images ``todo`` from their maps files, in this process or ``--workers`` processes, writing the
+    PNGs in ``palette``'s colours."""
+    jobs = [(dataset.ids[i], dataset.image_path(dataset.ids[i]), args.out / f"{dataset.ids[i]}.png") for i in todo]
+    missing = [image_id for image_id, _, _ in jobs if not settings.maps_path(image_id).is_file()]
     if missing:
         raise DataError(settings.maps_path(missing[0]), f"maps file not found ({len(missing)} of {len(jobs)} missing)")
-    maps_manifest, unlisted = untrusted_files(settings.maps_dir, [f"{job[0]}.npz" for job in jobs])
+    maps_manifest, unlisted = untrusted_files(settings.maps_dir, [f"{image_id}.npz" for image_id, _, _ in jobs])
     if unlisted:
         log.warning("%d maps files in %s are not listed in its manifest, or changed since (%s, ...): they were not "
                     "written by the `%s` run it records", len(unlisted), settings.maps_dir, unlisted[0],
                     maps_manifest.get("command"))
     workers = args.workers or 0
     if workers > 0 and len(jobs) > 1:
-        _run_pool(settings, jobs, workers, manifest)
+        _run_pool(settings, jobs, palette, workers, manifest)
     else:
         for job in tqdm(jobs, desc="pseudo labels", unit="img", disable=not show):
-            write_pseudo_label(settings, *job)
+            write_pseudo_label(settings, *job, palette)
             manifest.record(f"{job[0]}.png")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..models.multiview import check_views, sum_over_views
+from ..models.multiview import sum_over_views
 from ..models.vit import ViTOutput
 
 log = logging.getLogger(__name__)
@@ -380,7 +380,6 @@ class Localizer(ABC):
         if images.ndim != 4:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         scales = checked_scales(scales)
-        check_views(scales, square_sizes)
         cls = as_class_tensor(classes, images.shape[0], images.device)
         budget = memory_budget if memory_budget is not None else self.memory_budget
         budget = default_memory_budget(images.device) if budget is None else parse_memory_size(budget)

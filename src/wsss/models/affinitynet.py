@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .heads import patch_map
 from .resnet38 import ResNet38
 from .vit import Capture, VisionTransformer
 
@@ -85,8 +86,8 @@ def pair_affinity(features: Tensor, radius: int = PSA_RADIUS) -> Tensor:
 def dense_affinity(affinity: Tensor, size: Sequence[int], radius: int = PSA_RADIUS) -> Tensor:
     """The symmetric ``(B, N, N)`` matrix of pair affinities ``(B, P, M)`` on an ``(h, w)`` map, ones on the
     diagonal and zero beyond the radius (PSA's ``to_dense``)."""
-    height, width = _check_size(size, radius)
-    source, targets = pair_indices(radius, (height, width), affinity.device)
+    source, targets = pair_indices(radius, size, affinity.device)
+    height, width = int(size[0]), int(size[1])
     if affinity.ndim != 3 or tuple(affinity.shape[1:]) != tuple(targets.shape):
         raise ValueError(f"pair affinities {tuple(affinity.shape)} do not fit a {height}x{width} map with radius "
                          f"{radius}: expected (B, {targets.shape[0]}, {targets.shape[1]})")
@@ -225,7 +226,7 @@ class ViTAffinityNet(_AffinityOutputs, nn.Module):
         maps = []
         for level, norm in zip(self.levels, self.norms):
             tokens = out.tokens if level == last else norm(out.hidden[level])
-            maps.append(tokens[:, out.num_prefix:].transpose(1, 2).unflatten(2, out.grid))
+            maps.append(patch_map(tokens, out.grid, out.num_prefix))
         return self.affinity_head(maps)
 
 

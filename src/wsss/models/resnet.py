@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from .weights import describe_mismatch
 
 __all__ = ["Bottleneck", "ResNet", "resnet50", "resnet101", "resnet152", "drop_classifier", "check_state",
            "CLASSIFIER_KEYS", "LAYER_WIDTHS", "MEAN", "STD"]
@@ -80,14 +81,10 @@ def check_state(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], wha
     ``given`` fits ``expected`` (a model's ``state_dict()``) exactly: ``strict=True`` semantics with a clearer
     message. A missing ``num_batches_tracked`` is allowed: files saved before PyTorch 0.4.1
     (``resnet101-5d3b4d8f.pth``, PSA's converted ResNet-38) have none, and BatchNorm fills it in on load."""
-    missing = sorted(k for k in expected.keys() - given.keys() if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(given.keys() - expected.keys())
-    shapes = [f"{k} {tuple(given[k].shape)} (model {tuple(expected[k].shape)})"
-              for k in sorted(expected.keys() & given.keys()) if given[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        raise CheckpointError(f"{what} does not fit: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
-                              f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
-                              + (f", other shapes: {'; '.join(shapes[:8])}" if shapes else ""))
+    required = {k: v for k, v in expected.items() if k in given or not k.endswith("num_batches_tracked")}
+    problems = describe_mismatch(required, dict(given))
+    if problems:
+        raise CheckpointError(f"{what} does not fit: " + "; ".join(problems))
 
 
 class ResNet(nn.Module):

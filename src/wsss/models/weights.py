@@ -51,13 +51,13 @@ def load_state_dict(spec: str | Path) -> dict[str, Tensor]:
     try:
         if suffix == ".safetensors":
             from safetensors import safe_open
-            from safetensors.torch import load_file
 
             with safe_open(str(path), framework="pt") as f:
                 own = META_KEY in (f.metadata() or {})
+                state = {k: f.get_tensor(k) for k in f.keys()}
             if own:  # a wsss checkpoint holds the model's own names (DeepLabV2's backbone.*): nothing to rename
-                return load_file(str(path))
-            state = unwrap_state_dict(load_file(str(path)))
+                return state
+            state = unwrap_state_dict(state)
         elif suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 state = convert_jax_vit({k: z[k] for k in z.files})

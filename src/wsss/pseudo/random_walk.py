@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..data.io import IGNORE_INDEX, write_mask
 from ..data.manifest import OutputManifest, pending
-from ..data.transforms import Normalize, ToTensor
+from ..data.transforms import eval_transforms
 from ..data.voc import VOCDataset
 from ..errors import DataError
 from ..refine.affinity import PSA_BACKGROUND, PSA_BETA, PSA_LOGT, psa_random_walk
@@ -77,7 +77,7 @@ def walk_split(model: nn.Module, dataset: VOCDataset, maps_dir: str | Path, out_
     indices = list(range(len(dataset)) if indices is None else indices)
     names = {i: f"{dataset.ids[i]}.png" for i in indices}
     todo = pending(names, out_dir, manifest)
-    to_tensor, normalize = ToTensor(), Normalize(mean, std)
+    transform = eval_transforms(None, mean, std)
     background_label = 0 if dataset.classes.has_background else IGNORE_INDEX
     palette = dataset.palette()  # the labels in the dataset's own colours
     model = model.to(device).eval()
@@ -85,7 +85,7 @@ def walk_split(model: nn.Module, dataset: VOCDataset, maps_dir: str | Path, out_
         pixels = dataset.load_image(i)
         maps, classes = read_maps_for(maps_dir / f"{dataset.ids[i]}.npz", dataset.classes.num_classes,
                                       dataset.classes.has_background, dataset.ids[i], pixels.shape[:2])
-        image, _ = normalize(*to_tensor(pixels))
+        image, _ = transform(pixels)
         try:
             label = walk_label(model, image.to(device), torch.from_numpy(maps).to(device), classes, settings,
                                background_label)

@@ -95,14 +95,14 @@ def predict_split(model: nn.Module, dataset: VOCDataset, out_dir: str | Path,
                   manifest: OutputManifest | None = None, batch_size: int = 1, num_workers: int = 0,
                   progress: bool = True, square_sizes: Sequence[int] | None = None,
                   fusion: str = "mean") -> tuple[int, int]:
-    """Write ``out_dir/<id>.png`` (atomic, VOC palette) for every image of ``dataset`` (those of ``indices`` if
+    """Write ``out_dir/<id>.png`` (atomic, in the dataset's palette) for every image of ``dataset`` (those of ``indices`` if
     given) that has none yet.
 
     With ``manifest`` (the :class:`~wsss.data.manifest.OutputManifest` of ``out_dir``) "has one" means "the manifest
     lists it unchanged": any other PNG is recomputed and replaced, and every PNG written is recorded. Without it any
     existing PNG counts as done. Returns ``(written, skipped)``. ``batch_size`` images of one size go through the
     model together (:func:`~wsss.data.batches.split_batches`), decoded by ``num_workers`` loader processes.
-    ``square_sizes``: GETAM's test geometry instead of ``scales``/``flip``; ``fusion``: how the views combine, ``mean``
+    ``square_sizes``: views resized to squares instead of ``scales`` (GETAM's test); ``fusion``: how the views combine, ``mean``
     or ``max`` (see :func:`predict_probs`).
     """
     out_dir = Path(out_dir)

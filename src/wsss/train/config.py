@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError
 
 from ..device import DEVICE_NAME
 from ..errors import ConfigError
+from ..models.multiview import check_views
 
 DEFAULT_METHOD = "baseline"
 
@@ -307,8 +308,10 @@ class ValSection(_Section):
 
     @model_validator(mode="after")
     def _one_geometry(self) -> "ValSection":
-        if self.square_sizes and [float(s) for s in self.scales] != [1.0]:
-            raise PydanticCustomError("views", "square_sizes replace the scales: give one or the other")
+        try:
+            check_views(self.scales, self.square_sizes)
+        except ConfigError as exc:
+            raise PydanticCustomError("views", str(exc)) from None
         return self
 
     @field_validator("method")
