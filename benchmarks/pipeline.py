@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from common import RESULTS_DIR, VIT_TINY_FILE, environment, set_threads, shared_data_dir, write_json
-from wsss.pipeline import PipelineSettings, results_table, run_pipeline
+from wsss.pipeline import PipelineSettings, SegmentTest, results_table, run_pipeline
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="preset (or YAML file) of the segmentation runs (default: segment_<recipe>)")
     p.add_argument("--segment", choices=("all", "best", "none"), default="all",
                    help="train a segmentation model on every method's pseudo labels, on the best ones, or none")
+    p.add_argument("--segment-scales", nargs="+", type=float, default=None, metavar="S",
+                   help="also test every segmentation model at these scales (the papers' protocol; with "
+                   "--segment-flip / --segment-crf): segment_eval_test beside the one-view segment_eval")
+    p.add_argument("--segment-flip", action="store_true", help="the test protocol averages the flipped views in")
+    p.add_argument("--segment-crf", default=None, metavar="PRESET",
+                   help="the test protocol's dense CRF preset on the averaged softmax (psa, getam, aream, ...)")
     p.add_argument("--mask-steps", nargs="+", choices=("refine", "psa"), default=["refine"],
                    help="pseudo-label steps on the seeds: each method's refinement recipe, and/or PSA's AffinityNet "
                    "and random walk (the affinity_<recipe> preset); each is segmented")
@@ -64,6 +70,13 @@ def default_weights(choice: str | None) -> str | None:
     return str(shared) if shared.is_file() else None
 
 
+def segment_test(args: argparse.Namespace) -> SegmentTest | None:
+    """The test protocol the flags ask for; None when none of them is given."""
+    if args.segment_scales is None and not args.segment_flip and args.segment_crf is None:
+        return None
+    return SegmentTest(scales=tuple(args.segment_scales or (1.0,)), flip=args.segment_flip, crf=args.segment_crf)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -72,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         data=args.data, run_root=args.run_root, train_split=args.train_split, eval_split=args.eval_split,
         methods=args.methods, maps=args.maps, recipe=args.recipe, weights=default_weights(args.weights),
         overrides=args.overrides, segment_overrides=args.segment_overrides, segment_preset=args.segment_preset,
-        segment=args.segment, mask_steps=args.mask_steps, supervised=not args.no_supervised,
+        segment=args.segment, mask_steps=args.mask_steps, segment_test=segment_test(args),
+        supervised=not args.no_supervised,
         warm_start=args.warm_start, limit=args.limit,
         device=args.device, resume=args.resume)
 

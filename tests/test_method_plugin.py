@@ -127,3 +127,42 @@ def test_registered_method_is_scored_by_the_pipeline(toy_method, synthetic, tmp_
     assert pipeline.main(argv + ["--resume"]) == 0
     again = json.loads(out.read_text())
     assert again["methods"] == result["methods"] and again["maps"] == result["maps"]
+
+
+def test_pipeline_tests_segmentation_the_papers_way_on_resume(toy_method, synthetic, tmp_path):
+    """``--segment-scales/--segment-flip/--segment-crf`` add ``segment_eval_test`` to a finished run without
+    training again, equal to ``wsss predict`` + ``wsss eval`` with the same views and CRF."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import pipeline
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    out, runs = tmp_path / "pipeline.json", tmp_path / "runs"
+    argv = ["--data", str(synthetic), "--train-split", "train", "--eval-split", "val", "--methods", "toy",
+            "--recipe", "tiny", "--weights", "none", "--maps", "cam", "--run-root", str(runs), "--out", str(out)]
+    assert pipeline.main(argv) == 0
+    first = json.loads(out.read_text())
+    model_file = runs / "toy" / "segment" / "model.safetensors"
+    trained_at = model_file.stat().st_mtime_ns
+
+    # One view and no CRF is the protocol segment_eval already used: the reloaded model scores the same.
+    assert pipeline.main(argv + ["--resume", "--segment-scales", "1"]) == 0
+    same = json.loads(out.read_text())
+    assert same["methods"]["toy"]["segment_eval_test"] == pytest.approx(first["methods"]["toy"]["segment_eval"])
+    assert same["supervised"]["segment_eval_test"] == pytest.approx(first["supervised"]["segment_eval"])
+
+    assert pipeline.main(argv + ["--resume", "--segment-scales", "0.75", "1", "--segment-flip",
+                                 "--segment-crf", "psa"]) == 0
+    tested = json.loads(out.read_text())
+    assert model_file.stat().st_mtime_ns == trained_at  # scored, not trained again
+    assert tested["settings"]["segment_test"] == {"scales": [0.75, 1.0], "flip": True, "crf": "psa"}
+    toy = tested["methods"]["toy"]
+    assert toy["segment_eval"] == first["methods"]["toy"]["segment_eval"]
+    pred = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(runs / "toy" / "segment"), "--data", str(synthetic), "--split",
+                 "val", "--out", str(pred), "--scales", "0.75", "1", "--flip", "--crf-preset", "psa"]) == 0
+    assert main(["eval", "--data", str(synthetic), "--split", "val", "--pred", str(pred)]) == 0
+    metrics = json.loads((pred / "metrics.json").read_text())
+    assert toy["segment_eval_test"] == pytest.approx(metrics["miou"], abs=1e-9)
+    table = pipeline.results_table(tested)
+    assert "test protocol" in table and "scales [0.75, 1.0], flip True, CRF psa" in table

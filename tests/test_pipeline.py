@@ -11,7 +11,7 @@ from wsss.data.synth import make_synthetic
 from wsss.data.voc import VOCDataset
 from wsss.errors import ConfigError
 from wsss.evaluate.priors import centre_gaussian, class_mean_masks, mean_mask_prior, prior_miou
-from wsss.pipeline import PipelineSettings, calibrated_params, first_images, pseudo_score
+from wsss.pipeline import PipelineSettings, SegmentTest, calibrated_params, first_images, pseudo_score
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,15 @@ def test_settings_refuse_bad_values(tiny, tmp_path):
     with pytest.raises(ConfigError, match="limit"):
         PipelineSettings(data=tiny, run_root=tmp_path, limit=0)
     assert PipelineSettings(data=tiny, run_root=tmp_path).recipe_name == "d"
+
+
+def test_segment_test_names_its_protocol_and_refuses_bad_values():
+    assert SegmentTest().tag == "s1"
+    assert SegmentTest(scales=(0.5, 1.0, 1.25), flip=True, crf="aream").tag == "s0.5-1-1.25_flip_crf-aream"
+    with pytest.raises(ConfigError, match="scales"):
+        SegmentTest(scales=(1.0, 0.0))
+    with pytest.raises(ConfigError, match="unknown CRF preset"):
+        SegmentTest(crf="deeplab")
 
 
 def test_centre_gaussian_values():

@@ -20,6 +20,9 @@ For each method (any registered in ``wsss methods``; plug-ins included):
    ``affinity_<recipe>`` preset), the seeds random-walked with it (background score: the seeds' train threshold,
    as the threshold rules are calibrated), scored as pseudo labels and segmented like them, under ``psa``.
 
+With ``segment_test`` (:class:`SegmentTest`: views and a dense CRF, the papers' test protocol) every segmentation
+model is also scored that way, as ``segment_eval_test`` beside the single-view ``segment_eval``.
+
 References in the same run: the segmentation preset trained on the true train masks (``supervised``) and the two
 priors of :mod:`wsss.evaluate.priors`. All numbers are fractions in [0, 1]:
 
@@ -58,6 +61,7 @@ from .models.checkpoint import MODEL_FILE
 from .pseudo.generate import PseudoSettings, pseudo_label_for
 from .pseudo.random_walk import WalkSettings, walk_split
 from .refine.affinity import PSA_BACKGROUND
+from .refine.crf import crf_params
 from .segment.predict import predict_split
 from .train import Trainer, load_config
 from .settings import changed_settings, describe_changes
@@ -67,6 +71,28 @@ log = logging.getLogger(__name__)
 
 MASK_STEPS = ("refine", "psa")  # the method's pseudo-label recipe; PSA's AffinityNet and random walk
 PSA_ALPHAS = (1.0, 12.0)  # methods.md §4: the confident labels' low and high alpha
+
+
+@dataclass(frozen=True)
+class SegmentTest:
+    """How a segmentation model is tested: the softmax averaged over ``scales`` (and their flips), then the CRF
+    preset ``crf`` (None: argmax). The papers test this way (AReAM: 5 scales, flip, CRF; GETAM: 3 sizes, CRF)."""
+
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    crf: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.scales or any(not s > 0 for s in self.scales):
+            raise ConfigError(f"segment_test scales must be positive numbers, got {list(self.scales)}")
+        if self.crf is not None:
+            crf_params(self.crf)  # an unknown preset is an error now, not after the training runs
+
+    @property
+    def tag(self) -> str:
+        """The protocol in a name: the stage and prediction folder of its scores."""
+        scales = "-".join(f"{s:g}" for s in self.scales)
+        return f"s{scales}" + ("_flip" if self.flip else "") + (f"_crf-{self.crf}" if self.crf else "")
 
 
 @dataclass
@@ -90,6 +116,7 @@ class PipelineSettings:
     supervised: bool = True                # also train the segmentation preset on the true masks
     warm_start: str | None = None          # a method whose trained classifier initialises the other methods
     mask_steps: list[str] = field(default_factory=lambda: ["refine"])  # "refine" (the method's recipe), "psa"
+    segment_test: SegmentTest | None = None  # also score every segmentation model this way (segment_eval_test)
     limit: int | None = None               # score only the first N eval images
     device: str = "cpu"
     resume: bool = False
@@ -110,8 +137,10 @@ class PipelineSettings:
         return self.recipe or self.data.resolve().name
 
     def describe(self) -> dict[str, Any]:
-        """The settings that decide the numbers (not ``resume``), as JSON values."""
-        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "resume"}
+        """The settings that decide the cached numbers, as JSON values: not ``resume``, and not ``segment_test``,
+        whose scores are cached under stage names that carry its :attr:`SegmentTest.tag`."""
+        skip = ("resume", "segment_test")
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in skip}
         out["data"] = str(self.data.resolve())
         return out
 
@@ -165,14 +194,16 @@ def first_images(dataset: VOCDataset, limit: int | None) -> VOCDataset:
     return subset
 
 
-def train_run(preset: str, run_dir: Path, settings: PipelineSettings, overrides: list[str]) -> Trainer:
-    """Train (or, resuming, finish or reload) one run; returns its Trainer with the model in eval mode."""
+def train_run(preset: str, run_dir: Path, settings: PipelineSettings, overrides: list[str],
+              resume: bool | None = None) -> Trainer:
+    """Train (or, resuming, finish or reload) one run; returns its Trainer with the model in eval mode.
+    ``resume``: None follows ``settings.resume``."""
     base = [f"data.root={settings.data}", f"data.split={settings.train_split}", f"run_dir={run_dir}",
             f"device={settings.device}", "val.every=0"]
     if settings.weights is not None:
         base.append(f"model.weights={settings.weights}")
     trainer = Trainer(load_config(preset, base + overrides))
-    trainer.fit(resume=settings.resume)
+    trainer.fit(resume=settings.resume if resume is None else resume)
     trainer.model.eval()
     return trainer
 
@@ -278,17 +309,28 @@ def psa_masks(settings: PipelineSettings, dataset: VOCDataset, run: Path, thresh
             "walk": walk.describe()}
 
 
+def segment_trainer(settings: PipelineSettings, run_dir: Path, mask_dir: Path | None,
+                    resume: bool | None = None) -> Trainer:
+    """The segmentation preset trained (or reloaded) on ``mask_dir`` (None: the true masks)."""
+    overrides = list(settings.segment_overrides) + ([f"data.mask_dir={mask_dir}"] if mask_dir is not None else [])
+    return train_run(settings.segment_preset or f"segment_{settings.recipe_name}", run_dir, settings, overrides,
+                     resume)
+
+
 def segment_and_score(settings: PipelineSettings, run_dir: Path, mask_dir: Path | None,
                       eval_set: VOCDataset) -> dict[str, float]:
     """Train the segmentation preset on ``mask_dir`` (None: the true masks) and score it on the eval split."""
-    overrides = list(settings.segment_overrides) + ([f"data.mask_dir={mask_dir}"] if mask_dir is not None else [])
-    trainer = train_run(settings.segment_preset or f"segment_{settings.recipe_name}", run_dir, settings, overrides)
+    trainer = segment_trainer(settings, run_dir, mask_dir)
     return {"segment_eval": segmentation_miou(trainer, eval_set, run_dir / f"pred_{settings.eval_split}")}
 
 
-def segmentation_miou(trainer: Trainer, eval_set: VOCDataset, pred_dir: Path) -> float:
-    """The mIoU on ``eval_set`` of the segmentation model ``trainer`` trained (predictions written to ``pred_dir``)."""
-    predict_split(trainer.model, eval_set, pred_dir, mean=trainer.mean, std=trainer.std, device=trainer.device)
+def segmentation_miou(trainer: Trainer, eval_set: VOCDataset, pred_dir: Path,
+                      test: SegmentTest | None = None) -> float:
+    """The mIoU on ``eval_set`` of the segmentation model ``trainer`` trained (predictions written to ``pred_dir``),
+    tested with ``test`` (None: one view, argmax)."""
+    test = test or SegmentTest()
+    predict_split(trainer.model, eval_set, pred_dir, scales=test.scales, flip=test.flip, crf=test.crf,
+                  mean=trainer.mean, std=trainer.std, device=trainer.device)
     matrix = ConfusionMatrix(eval_set.classes.num_classes, class_names=eval_set.classes.names)
     for i, image_id in enumerate(eval_set.ids):
         matrix.update(read_mask(pred_dir / f"{image_id}.png"), eval_set.load_mask(i))
@@ -321,11 +363,23 @@ def run_pipeline(settings: PipelineSettings,
     log.info("%d method(s) %s, recipe %r, %d train / %d eval images, runs in %s", len(methods),
              [m.name for m in methods], recipe, len(train_set), len(eval_set), settings.run_root)
     update = on_update or (lambda _: None)
+    test = settings.segment_test
+
+    def segmented(name: str, run_dir: Path, mask_dir: Path | None) -> dict[str, float]:
+        """A segmentation stage: trained and scored with one view, then (``segment_test``) tested the papers' way
+        on the model reloaded from its run folder."""
+        out = dict(stages.run(name, lambda: segment_and_score(settings, run_dir, mask_dir, eval_set)))
+        if test is not None:
+            out.update(stages.run(f"{name}_test/{test.tag}", lambda: {"segment_eval_test": segmentation_miou(
+                segment_trainer(settings, run_dir, mask_dir, resume=True), eval_set,
+                run_dir / f"pred_{settings.eval_split}_{test.tag}", test)}))
+        return out
 
     results: dict[str, Any] = {"methods": {}, "maps": {}, "priors": {}, "settings": {
         "data": str(settings.data), "train_split": settings.train_split, "eval_split": settings.eval_split,
         "recipe": recipe, "num_train": len(train_set), "num_eval": len(eval_set), "overrides": settings.overrides,
-        "warm_start": settings.warm_start, "segment": settings.segment}}
+        "warm_start": settings.warm_start, "segment": settings.segment,
+        "segment_test": None if test is None else {**asdict(test), "scales": list(test.scales)}}}
     results["priors"]["centre"] = stages.run("prior/centre", lambda: centre_prior(eval_set))
     results["priors"]["mean_mask"] = stages.run("prior/mean_mask", lambda: mean_mask_prior(train_set, eval_set))
     update(results)
@@ -361,52 +415,74 @@ def run_pipeline(settings: PipelineSettings,
         if isinstance(trainer.model, Segmenter):  # an end-to-end method (GETAM): its own single-stage output
             row["own_segment_eval"] = stages.run(f"{method.name}/own_segment", lambda: segmentation_miou(
                 trainer, eval_set, run / f"own_pred_{settings.eval_split}"))
+            if test is not None:
+                row["own_segment_eval_test"] = stages.run(
+                    f"{method.name}/own_segment_test/{test.tag}", lambda: segmentation_miou(
+                        trainer, eval_set, run / f"own_pred_{settings.eval_split}_{test.tag}", test))
         if settings.segment == "all" and "refine" in settings.mask_steps:
-            row.update(stages.run(f"{method.name}/segment", lambda: segment_and_score(
-                settings, run / "segment", run / "pseudo_train", eval_set)))
+            row.update(segmented(f"{method.name}/segment", run / "segment", run / "pseudo_train"))
         if "psa" in settings.mask_steps:
             row["psa"] = dict(stages.run(f"{method.name}/psa",
                                          lambda: psa_masks(settings, train_set, run, seed_train["threshold"])))
             if settings.segment == "all":
-                row["psa"].update(stages.run(f"{method.name}/psa_segment", lambda: segment_and_score(
-                    settings, run / "segment_psa", run / "psa_train", eval_set)))
+                row["psa"].update(segmented(f"{method.name}/psa_segment", run / "segment_psa", run / "psa_train"))
         results["methods"][method.name] = row
         update(results)
 
     if settings.segment == "best" and results["methods"]:
         best = max(results["methods"], key=lambda m: pseudo_score(results["methods"][m]))
         run = settings.run_root / best
-        results["methods"][best].update(stages.run(
-            f"{best}/segment", lambda: segment_and_score(settings, run / "segment", run / "pseudo_train", eval_set)))
+        results["methods"][best].update(segmented(f"{best}/segment", run / "segment", run / "pseudo_train"))
         results["settings"]["segmented"] = best
     if settings.supervised and settings.segment != "none":
-        results["supervised"] = stages.run("supervised/segment", lambda: segment_and_score(
-            settings, settings.run_root / "supervised", None, eval_set))
+        results["supervised"] = segmented("supervised/segment", settings.run_root / "supervised", None)
     update(results)
     return results
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """Markdown: the per-method table (seeds, pseudo labels, segmentation, references), then the map matrix."""
+    """Markdown: the per-method table (seeds, pseudo labels, segmentation, references), then the map matrix. With a
+    segmentation test protocol its scores get a column too; with the supervised bound, each segmentation's share of
+    it."""
     def pct(x: float | None) -> str:
         return "—" if x is None else f"{100 * x:.1f}"
 
-    lines = ["| method | seed train | seed eval | pseudo mIoU | coverage | segment eval |", "|---|---|---|---|---|---|"]
+    test = results.get("settings", {}).get("segment_test")
+    supervised = results.get("supervised") or {}
+    keys = ["segment_eval"] + (["segment_eval_test"] if test else [])
+
+    def segment_cells(row: dict[str, Any]) -> str:
+        cells = []
+        for key in keys:
+            value, bound = row.get(key), supervised.get(key)
+            share = f" ({100 * value / bound:.0f}%)" if value is not None and bound else ""
+            cells.append(pct(value) + share)
+        return " | ".join(cells)
+
+    header = "segment eval" + (" | segment eval, test protocol" if test else "")
+    lines = [f"| method | seed train | seed eval | pseudo mIoU | coverage | {header} |",
+             "|---" * (5 + len(keys)) + "|"]
+    blanks = " | ".join("" for _ in keys)
     for name, r in results["methods"].items():
         pseudo = r.get("pseudo_train") or {}
         coverage = f"{100 * pseudo['coverage']:.0f}%" if pseudo else "—"
         lines.append(f"| {name} | {pct(r['seed_train'])} | {pct(r['seed_eval'])} | {pct(pseudo.get('miou'))} | "
-                     f"{coverage} | {pct(r.get('segment_eval'))} |")
+                     f"{coverage} | {segment_cells(r)} |")
         if r.get("psa"):
             psa = r["psa"]
             lines.append(f"| {name} + PSA random walk (confident {pct(psa['confident']['miou'])}, "
                          f"{100 * psa['confident']['coverage']:.0f}%) | | | {pct(psa['pseudo_train']['miou'])} | "
-                         f"{100 * psa['pseudo_train']['coverage']:.0f}% | {pct(psa.get('segment_eval'))} |")
+                         f"{100 * psa['pseudo_train']['coverage']:.0f}% | {segment_cells(psa)} |")
+        if r.get("own_segment_eval") is not None:
+            own = {k: r.get(f"own_{k}") for k in keys}
+            lines.append(f"| {name}, its own segmentation | | | | | {segment_cells(own)} |")
     priors = results["priors"]
-    lines.append(f"| prior: centre / mean mask | | {pct(priors['centre'])} / {pct(priors['mean_mask'])} | | | |")
-    supervised = (results.get("supervised") or {}).get("segment_eval")
-    if supervised is not None:
-        lines.append(f"| supervised (true masks) | | | | | {pct(supervised)} |")
+    lines.append(f"| prior: centre / mean mask | | {pct(priors['centre'])} / {pct(priors['mean_mask'])} | | | "
+                 f"{blanks} |")
+    if supervised:
+        lines.append(f"| supervised (true masks) | | | | | {' | '.join(pct(supervised.get(k)) for k in keys)} |")
+    if test:
+        lines.append(f"\nTest protocol: scales {test['scales']}, flip {test['flip']}, CRF {test['crf']}.")
     maps = results["maps"]
     formulas = sorted({f for row in maps.values() for f in row})
     lines += ["", "| trained with \\ map | " + " | ".join(formulas) + " |", "|---" * (len(formulas) + 1) + "|"]
