@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 from common import RESULTS_DIR, VIT_TINY_FILE, environment, set_threads, shared_data_dir, write_json
+from wsss.cli.options import positive_float
+from wsss.refine import CRF_PRESETS
 from wsss.pipeline import PipelineSettings, SegmentTest, results_table, run_pipeline
 
 
@@ -39,12 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="preset (or YAML file) of the segmentation runs (default: segment_<recipe>)")
     p.add_argument("--segment", choices=("all", "best", "none"), default="all",
                    help="train a segmentation model on every method's pseudo labels, on the best ones, or none")
-    p.add_argument("--segment-scales", nargs="+", type=float, default=None, metavar="S",
+    p.add_argument("--segment-scales", nargs="+", type=positive_float, default=None, metavar="S",
                    help="also test every segmentation model at these scales (the papers' protocol; with "
                    "--segment-flip / --segment-crf): segment_eval_test beside the one-view segment_eval")
     p.add_argument("--segment-flip", action="store_true", help="the test protocol averages the flipped views in")
-    p.add_argument("--segment-crf", default=None, metavar="PRESET",
-                   help="the test protocol's dense CRF preset on the averaged softmax (psa, getam, aream, ...)")
+    p.add_argument("--segment-crf", default=None, choices=sorted(CRF_PRESETS),
+                   help="the test protocol's dense CRF preset on the averaged softmax")
     p.add_argument("--mask-steps", nargs="+", choices=("refine", "psa"), default=["refine"],
                    help="pseudo-label steps on the seeds: each method's refinement recipe, and/or PSA's AffinityNet "
                    "and random walk (the affinity_<recipe> preset); each is segmented")

@@ -12,6 +12,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+import wsss.pipeline as wsss_pipeline
 from wsss.cli.main import main
 from wsss.data.synth import make_synthetic
 from wsss.localize import Localizer
@@ -166,3 +167,27 @@ def test_pipeline_tests_segmentation_the_papers_way_on_resume(toy_method, synthe
     assert toy["segment_eval_test"] == pytest.approx(metrics["miou"], abs=1e-9)
     table = pipeline.results_table(tested)
     assert "test protocol" in table and "scales [0.75, 1.0], flip True, CRF psa" in table
+
+
+def test_pipeline_tests_the_model_it_just_trained_without_reloading(toy_method, synthetic, tmp_path, monkeypatch):
+    """With the test protocol from the start, each segmentation model is built once: the test stage scores the
+    trainer the one-view stage trained. An unknown CRF preset is refused by the command line."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import pipeline
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    built = []
+    real = wsss_pipeline.segment_trainer
+    monkeypatch.setattr(wsss_pipeline, "segment_trainer", lambda *a, **k: built.append(a[1]) or real(*a, **k))
+    argv = ["--data", str(synthetic), "--train-split", "train", "--eval-split", "val", "--methods", "toy",
+            "--recipe", "tiny", "--weights", "none", "--maps", "cam", "--run-root", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "pipeline.json")]
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline.main(argv + ["--segment-crf", "deeplab"])
+    assert exit_info.value.code == 2 and not built
+    assert pipeline.main(argv + ["--segment-flip"]) == 0
+    result = json.loads((tmp_path / "pipeline.json").read_text())
+    assert sorted(p.name for p in built) == ["segment", "supervised"]
+    for row in (result["methods"]["toy"], result["supervised"]):
+        assert 0 <= row["segment_eval_test"] <= 1

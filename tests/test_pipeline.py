@@ -59,8 +59,10 @@ def test_settings_refuse_bad_values(tiny, tmp_path):
 def test_segment_test_names_its_protocol_and_refuses_bad_values():
     assert SegmentTest().tag == "s1"
     assert SegmentTest(scales=(0.5, 1.0, 1.25), flip=True, crf="aream").tag == "s0.5-1-1.25_flip_crf-aream"
-    with pytest.raises(ConfigError, match="scales"):
-        SegmentTest(scales=(1.0, 0.0))
+    assert SegmentTest(scales=(1, 2)).scales == (1.0, 2.0)
+    for bad in [(1.0, 0.0), (), (float("nan"),)]:
+        with pytest.raises(ConfigError, match="scale"):
+            SegmentTest(scales=bad)
     with pytest.raises(ConfigError, match="unknown CRF preset"):
         SegmentTest(crf="deeplab")
 

@@ -54,6 +54,7 @@ from .data.voc import VOCDataset
 from .errors import ConfigError
 from .evaluate import ConfusionMatrix
 from .evaluate.priors import centre_prior, mean_mask_prior, new_sweep
+from .localize.base import checked_scales
 from .localize.split import iter_split_maps
 from .methods import REGISTRY, Method, get_method
 from .models.segmenter import Segmenter
@@ -83,8 +84,7 @@ class SegmentTest:
     crf: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.scales or any(not s > 0 for s in self.scales):
-            raise ConfigError(f"segment_test scales must be positive numbers, got {list(self.scales)}")
+        object.__setattr__(self, "scales", checked_scales(self.scales))  # frozen: the checked floats replace them
         if self.crf is not None:
             crf_params(self.crf)  # an unknown preset is an error now, not after the training runs
 
@@ -317,13 +317,6 @@ def segment_trainer(settings: PipelineSettings, run_dir: Path, mask_dir: Path | 
                      resume)
 
 
-def segment_and_score(settings: PipelineSettings, run_dir: Path, mask_dir: Path | None,
-                      eval_set: VOCDataset) -> dict[str, float]:
-    """Train the segmentation preset on ``mask_dir`` (None: the true masks) and score it on the eval split."""
-    trainer = segment_trainer(settings, run_dir, mask_dir)
-    return {"segment_eval": segmentation_miou(trainer, eval_set, run_dir / f"pred_{settings.eval_split}")}
-
-
 def segmentation_miou(trainer: Trainer, eval_set: VOCDataset, pred_dir: Path,
                       test: SegmentTest | None = None) -> float:
     """The mIoU on ``eval_set`` of the segmentation model ``trainer`` trained (predictions written to ``pred_dir``),
@@ -365,15 +358,28 @@ def run_pipeline(settings: PipelineSettings,
     update = on_update or (lambda _: None)
     test = settings.segment_test
 
+    def tested(name: str, trainer_of: Callable[[], Trainer], pred_dir: Path) -> dict[str, float]:
+        """``name``'s score with the test protocol (``segment_test``; nothing without one), on the model
+        ``trainer_of()`` gives, predicted to ``pred_dir_<tag>``: cached under the protocol's tag."""
+        if test is None:
+            return {}
+        return {"segment_eval_test": stages.run(f"{name}_test/{test.tag}", lambda: segmentation_miou(
+            trainer_of(), eval_set, pred_dir.with_name(f"{pred_dir.name}_{test.tag}"), test))}
+
     def segmented(name: str, run_dir: Path, mask_dir: Path | None) -> dict[str, float]:
-        """A segmentation stage: trained and scored with one view, then (``segment_test``) tested the papers' way
-        on the model reloaded from its run folder."""
-        out = dict(stages.run(name, lambda: segment_and_score(settings, run_dir, mask_dir, eval_set)))
-        if test is not None:
-            out.update(stages.run(f"{name}_test/{test.tag}", lambda: {"segment_eval_test": segmentation_miou(
-                segment_trainer(settings, run_dir, mask_dir, resume=True), eval_set,
-                run_dir / f"pred_{settings.eval_split}_{test.tag}", test)}))
-        return out
+        """A segmentation stage: trained and scored with one view, then tested with the protocol. A model trained
+        by this process is tested as it is; one a resumed run finished earlier is reloaded from its folder."""
+        trained: list[Trainer] = []
+
+        def trainer_of() -> Trainer:
+            if not trained:
+                trained.append(segment_trainer(settings, run_dir, mask_dir, resume=True if name in stages.done
+                                               else None))
+            return trained[0]
+
+        pred_dir = run_dir / f"pred_{settings.eval_split}"
+        out = dict(stages.run(name, lambda: {"segment_eval": segmentation_miou(trainer_of(), eval_set, pred_dir)}))
+        return {**out, **tested(name, trainer_of, pred_dir)}
 
     results: dict[str, Any] = {"methods": {}, "maps": {}, "priors": {}, "settings": {
         "data": str(settings.data), "train_split": settings.train_split, "eval_split": settings.eval_split,
@@ -413,12 +419,11 @@ def run_pipeline(settings: PipelineSettings,
                                                                run / "pseudo_train", seed_train["threshold"]))
         row["segment_eval"] = None
         if isinstance(trainer.model, Segmenter):  # an end-to-end method (GETAM): its own single-stage output
-            row["own_segment_eval"] = stages.run(f"{method.name}/own_segment", lambda: segmentation_miou(
-                trainer, eval_set, run / f"own_pred_{settings.eval_split}"))
-            if test is not None:
-                row["own_segment_eval_test"] = stages.run(
-                    f"{method.name}/own_segment_test/{test.tag}", lambda: segmentation_miou(
-                        trainer, eval_set, run / f"own_pred_{settings.eval_split}_{test.tag}", test))
+            own_pred = run / f"own_pred_{settings.eval_split}"
+            row["own_segment_eval"] = stages.run(f"{method.name}/own_segment",
+                                                 lambda: segmentation_miou(trainer, eval_set, own_pred))
+            row.update({f"own_{k}": v for k, v in
+                        tested(f"{method.name}/own_segment", lambda: trainer, own_pred).items()})
         if settings.segment == "all" and "refine" in settings.mask_steps:
             row.update(segmented(f"{method.name}/segment", run / "segment", run / "pseudo_train"))
         if "psa" in settings.mask_steps:
