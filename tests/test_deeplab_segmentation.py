@@ -196,7 +196,7 @@ def test_wrong_pairs_and_foreign_settings_are_config_errors(synth, tmp_path):
         Trainer(load_config("segment_camvid", [*base, "model.name=vit_nano_patch16", "method.decoder=deeplabv2"]))
     # A classifier's method on a CNN backbone: there is no classifier to train.
     with pytest.raises(ConfigError, match="resnet101 is a headless CNN backbone without a classifier"):
-        Trainer(load_config("baseline_camvid", [*base, "model.name=resnet101"]))
+        Trainer(load_config("baseline_camvid", [*base, "model.name=resnet101", "model.head=token"]))
 
 
 # --------------------------------------------------------------------------------------------- engine
