@@ -18,6 +18,7 @@ from pathlib import Path
 from common import RESULTS_DIR, VIT_TINY_FILE, environment, set_threads, shared_data_dir, write_json
 from wsss.cli.options import positive_float
 from wsss.refine import CRF_PRESETS
+from wsss.segment.predict import FUSIONS
 from wsss.pipeline import PipelineSettings, SegmentTest, results_table, run_pipeline
 
 
@@ -46,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "--segment-flip / --segment-crf): segment_eval_test beside the one-view segment_eval")
     p.add_argument("--segment-flip", action="store_true", help="the test protocol averages the flipped views in")
     p.add_argument("--segment-crf", default=None, choices=sorted(CRF_PRESETS),
-                   help="the test protocol's dense CRF preset on the averaged softmax")
+                   help="the test protocol's dense CRF preset on the fused softmax")
+    p.add_argument("--segment-fusion", default=None, choices=FUSIONS,
+                   help="how the test protocol combines its views: mean (average the logits, the default) or max "
+                   "(the pixel-wise maximum of each scale's softmax, AReAM's test)")
     p.add_argument("--mask-steps", nargs="+", choices=("refine", "psa"), default=["refine"],
                    help="pseudo-label steps on the seeds: each method's refinement recipe, and/or PSA's AffinityNet "
                    "and random walk (the affinity_<recipe> preset); each is segmented")
@@ -74,9 +78,10 @@ def default_weights(choice: str | None) -> str | None:
 
 def segment_test(args: argparse.Namespace) -> SegmentTest | None:
     """The test protocol the flags ask for; None when none of them is given."""
-    if args.segment_scales is None and not args.segment_flip and args.segment_crf is None:
+    if args.segment_scales is None and not args.segment_flip and args.segment_crf is None and args.segment_fusion is None:
         return None
-    return SegmentTest(scales=tuple(args.segment_scales or (1.0,)), flip=args.segment_flip, crf=args.segment_crf)
+    return SegmentTest(scales=tuple(args.segment_scales or (1.0,)), flip=args.segment_flip, crf=args.segment_crf,
+                       fusion=args.segment_fusion or "mean")
 
 
 def main(argv: list[str] | None = None) -> int:

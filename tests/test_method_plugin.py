@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pydantic import Field
@@ -14,6 +15,7 @@ from torch import Tensor
 
 import wsss.pipeline as wsss_pipeline
 from wsss.cli.main import main
+from wsss.data.io import read_mask
 from wsss.data.synth import make_synthetic
 from wsss.localize import Localizer
 from wsss.localize.cam import class_activation
@@ -156,7 +158,8 @@ def test_pipeline_tests_segmentation_the_papers_way_on_resume(toy_method, synthe
                                  "--segment-crf", "psa"]) == 0
     tested = json.loads(out.read_text())
     assert model_file.stat().st_mtime_ns == trained_at  # scored, not trained again
-    assert tested["settings"]["segment_test"] == {"scales": [0.75, 1.0], "flip": True, "crf": "psa"}
+    assert tested["settings"]["segment_test"] == {"scales": [0.75, 1.0], "flip": True, "crf": "psa",
+                                                   "fusion": "mean"}
     toy = tested["methods"]["toy"]
     assert toy["segment_eval"] == first["methods"]["toy"]["segment_eval"]
     pred = tmp_path / "pred"
@@ -166,7 +169,26 @@ def test_pipeline_tests_segmentation_the_papers_way_on_resume(toy_method, synthe
     metrics = json.loads((pred / "metrics.json").read_text())
     assert toy["segment_eval_test"] == pytest.approx(metrics["miou"], abs=1e-9)
     table = pipeline.results_table(tested)
-    assert "test protocol" in table and "scales [0.75, 1.0], flip True, CRF psa" in table
+    assert "test protocol" in table and "scales [0.75, 1.0], flip True, fusion mean, CRF psa" in table
+
+    # AReAM's fusion: the pixel-wise max over the scales' softmax, as `wsss predict --fusion max` gives it.
+    assert pipeline.main(argv + ["--resume", "--segment-scales", "0.75", "1.25", "--segment-fusion", "max"]) == 0
+    fused = json.loads(out.read_text())["methods"]["toy"]["segment_eval_test"]
+    pred_max = tmp_path / "pred_max"
+    assert main(["predict", "--checkpoint", str(runs / "toy" / "segment"), "--data", str(synthetic), "--split",
+                 "val", "--out", str(pred_max), "--scales", "0.75", "1.25", "--fusion", "max"]) == 0
+    assert main(["eval", "--data", str(synthetic), "--split", "val", "--pred", str(pred_max)]) == 0
+    assert fused == pytest.approx(json.loads((pred_max / "metrics.json").read_text())["miou"], abs=1e-9)
+    pipeline_max = runs / "toy" / "segment" / "pred_val_s0.75-1.25_max"
+    pred_mean = tmp_path / "pred_mean"
+    assert main(["predict", "--checkpoint", str(runs / "toy" / "segment"), "--data", str(synthetic), "--split",
+                 "val", "--out", str(pred_mean), "--scales", "0.75", "1.25"]) == 0
+    masks = {name: [read_mask(f) for f in sorted(folder.glob("*.png"))]
+             for name, folder in [("pipeline", pipeline_max), ("max", pred_max), ("mean", pred_mean)]}
+    assert len(masks["pipeline"]) == 8
+    assert all(np.array_equal(a, b) for a, b in zip(masks["pipeline"], masks["max"]))
+    assert not all(np.array_equal(a, b) for a, b in zip(masks["max"], masks["mean"]))  # the fusion mattered
+    assert model_file.stat().st_mtime_ns == trained_at
 
 
 def test_pipeline_tests_the_model_it_just_trained_without_reloading(toy_method, synthetic, tmp_path, monkeypatch):

@@ -65,6 +65,9 @@ def test_segment_test_names_its_protocol_and_refuses_bad_values():
             SegmentTest(scales=bad)
     with pytest.raises(ConfigError, match="unknown CRF preset"):
         SegmentTest(crf="deeplab")
+    assert SegmentTest(scales=(0.5, 1.0), fusion="max", crf="aream").tag == "s0.5-1_max_crf-aream"
+    with pytest.raises(ConfigError, match="fusion"):
+        SegmentTest(fusion="sum")
 
 
 def test_centre_gaussian_values():

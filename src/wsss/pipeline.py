@@ -63,7 +63,7 @@ from .pseudo.generate import PseudoSettings, pseudo_label_for
 from .pseudo.random_walk import WalkSettings, walk_split
 from .refine.affinity import PSA_BACKGROUND
 from .refine.crf import crf_params
-from .segment.predict import predict_split
+from .segment.predict import FUSIONS, predict_split
 from .train import Trainer, load_config
 from .settings import changed_settings, describe_changes
 from .train.validate import maps_miou, sweep_result
@@ -76,23 +76,29 @@ PSA_ALPHAS = (1.0, 12.0)  # methods.md §4: the confident labels' low and high a
 
 @dataclass(frozen=True)
 class SegmentTest:
-    """How a segmentation model is tested: the softmax averaged over ``scales`` (and their flips), then the CRF
-    preset ``crf`` (None: argmax). The papers test this way (AReAM: 5 scales, flip, CRF; GETAM: 3 sizes, CRF)."""
+    """How a segmentation model is tested: the views of ``scales`` (and their flips) combined by ``fusion`` (``mean``:
+    the softmax of the averaged logits; ``max``: the pixel-wise maximum of each scale's softmax, as AReAM's test
+    does, see :func:`wsss.segment.predict.predict_probs`), then the CRF preset ``crf`` (None: argmax). The papers
+    test this way (AReAM: scales 0.5 to 1.5, max, CRF; GETAM: 3 sizes, CRF)."""
 
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     crf: str | None = None
+    fusion: str = "mean"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", checked_scales(self.scales))  # frozen: the checked floats replace them
         if self.crf is not None:
             crf_params(self.crf)  # an unknown preset is an error now, not after the training runs
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"segment test fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
 
     @property
     def tag(self) -> str:
         """The protocol in a name: the stage and prediction folder of its scores."""
         scales = "-".join(f"{s:g}" for s in self.scales)
-        return f"s{scales}" + ("_flip" if self.flip else "") + (f"_crf-{self.crf}" if self.crf else "")
+        return (f"s{scales}" + ("_flip" if self.flip else "") + ("_max" if self.fusion == "max" else "")
+                + (f"_crf-{self.crf}" if self.crf else ""))
 
 
 @dataclass
@@ -322,7 +328,7 @@ def segmentation_miou(trainer: Trainer, eval_set: VOCDataset, pred_dir: Path,
     """The mIoU on ``eval_set`` of the segmentation model ``trainer`` trained (predictions written to ``pred_dir``),
     tested with ``test`` (None: one view, argmax)."""
     test = test or SegmentTest()
-    predict_split(trainer.model, eval_set, pred_dir, scales=test.scales, flip=test.flip, crf=test.crf,
+    predict_split(trainer.model, eval_set, pred_dir, scales=test.scales, flip=test.flip, crf=test.crf, fusion=test.fusion,
                   mean=trainer.mean, std=trainer.std, device=trainer.device)
     matrix = ConfusionMatrix(eval_set.classes.num_classes, class_names=eval_set.classes.names)
     for i, image_id in enumerate(eval_set.ids):
@@ -487,7 +493,9 @@ def results_table(results: dict[str, Any]) -> str:
     if supervised:
         lines.append(f"| supervised (true masks) | | | | | {' | '.join(pct(supervised.get(k)) for k in keys)} |")
     if test:
-        lines.append(f"\nTest protocol: scales {test['scales']}, flip {test['flip']}, CRF {test['crf']}.")
+        fusion = test.get("fusion", "mean")  # results written before fusion was a setting averaged
+        lines.append(f"\nTest protocol: scales {test['scales']}, flip {test['flip']}, fusion {fusion}, "
+                     f"CRF {test['crf']}.")
     maps = results["maps"]
     formulas = sorted({f for row in maps.values() for f in row})
     lines += ["", "| trained with \\ map | " + " | ".join(formulas) + " |", "|---" * (len(formulas) + 1) + "|"]
