@@ -78,7 +78,8 @@ def default_weights(choice: str | None) -> str | None:
 
 def segment_test(args: argparse.Namespace) -> SegmentTest | None:
     """The test protocol the flags ask for; None when none of them is given."""
-    if args.segment_scales is None and not args.segment_flip and args.segment_crf is None and args.segment_fusion is None:
+    flags = (args.segment_scales, args.segment_crf, args.segment_fusion)
+    if all(flag is None for flag in flags) and not args.segment_flip:
         return None
     return SegmentTest(scales=tuple(args.segment_scales or (1.0,)), flip=args.segment_flip, crf=args.segment_crf,
                        fusion=args.segment_fusion or "mean")

@@ -63,7 +63,7 @@ from .pseudo.generate import PseudoSettings, pseudo_label_for
 from .pseudo.random_walk import WalkSettings, walk_split
 from .refine.affinity import PSA_BACKGROUND
 from .refine.crf import crf_params
-from .segment.predict import FUSIONS, predict_split
+from .segment.predict import checked_fusion, predict_split
 from .train import Trainer, load_config
 from .settings import changed_settings, describe_changes
 from .train.validate import maps_miou, sweep_result
@@ -90,8 +90,7 @@ class SegmentTest:
         object.__setattr__(self, "scales", checked_scales(self.scales))  # frozen: the checked floats replace them
         if self.crf is not None:
             crf_params(self.crf)  # an unknown preset is an error now, not after the training runs
-        if self.fusion not in FUSIONS:
-            raise ConfigError(f"segment test fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        checked_fusion(self.fusion)  # as the CRF preset: refused before anything trains
 
     @property
     def tag(self) -> str:
@@ -328,8 +327,8 @@ def segmentation_miou(trainer: Trainer, eval_set: VOCDataset, pred_dir: Path,
     """The mIoU on ``eval_set`` of the segmentation model ``trainer`` trained (predictions written to ``pred_dir``),
     tested with ``test`` (None: one view, argmax)."""
     test = test or SegmentTest()
-    predict_split(trainer.model, eval_set, pred_dir, scales=test.scales, flip=test.flip, crf=test.crf, fusion=test.fusion,
-                  mean=trainer.mean, std=trainer.std, device=trainer.device)
+    predict_split(trainer.model, eval_set, pred_dir, scales=test.scales, flip=test.flip, crf=test.crf,
+                  fusion=test.fusion, mean=trainer.mean, std=trainer.std, device=trainer.device)
     matrix = ConfusionMatrix(eval_set.classes.num_classes, class_names=eval_set.classes.names)
     for i, image_id in enumerate(eval_set.ids):
         matrix.update(read_mask(pred_dir / f"{image_id}.png"), eval_set.load_mask(i))

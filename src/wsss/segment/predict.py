@@ -20,11 +20,19 @@ from ..data.io import write_mask
 from ..data.manifest import OutputManifest, pending
 from ..data.batches import split_batches
 from ..data.voc import VOCDataset
+from ..errors import ConfigError
 from ..models.multiview import sum_over_views
 from ..refine.crf import CRFParams, dense_crf
 
 
 FUSIONS = ("mean", "max")
+
+
+def checked_fusion(fusion: str) -> str:
+    """``fusion`` if it is one of :data:`FUSIONS`; a :class:`~wsss.errors.ConfigError` otherwise."""
+    if fusion not in FUSIONS:
+        raise ConfigError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    return fusion
 
 
 @torch.inference_mode()
@@ -44,8 +52,7 @@ def predict_probs(model: nn.Module, images: Tensor, scales: Sequence[float] = (1
     pixel-wise maximum over the sizes, as AReAM's test does (scales 0.5 to 1.5, no flip); those maxima are not
     renormalised (they need not sum to 1), as in AReAM, whose CRF reads them as they are.
     """
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    checked_fusion(fusion)
     per_size = _logits_per_size(model, images, scales, flip, square_sizes)
     if fusion == "max":
         probs = next(per_size).softmax(dim=1)
