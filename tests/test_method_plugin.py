@@ -213,3 +213,27 @@ def test_pipeline_tests_the_model_it_just_trained_without_reloading(toy_method, 
     assert sorted(p.name for p in built) == ["segment", "supervised"]
     for row in (result["methods"]["toy"], result["supervised"]):
         assert 0 <= row["segment_eval_test"] <= 1
+
+
+def test_recipe_ablation_scores_each_variant_like_the_pipeline(toy_method, synthetic, tmp_path):
+    """``benchmarks/recipe_ablation.py``: the preset itself scores what the pipeline's ``seed_eval`` gives for the
+    same run, and a changed setting is trained and scored with that setting."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import pipeline
+        import recipe_ablation
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    common = ["--data", str(synthetic), "--train-split", "train", "--eval-split", "val", "--weights", "none"]
+    reference = tmp_path / "pipeline.json"
+    assert pipeline.main(common + ["--methods", "toy", "--recipe", "tiny", "--maps", "squared_cam", "--segment",
+                                   "none", "--no-supervised", "--run-root", str(tmp_path / "runs"),
+                                   "--out", str(reference)]) == 0
+    out = tmp_path / "ablation.json"
+    assert recipe_ablation.main(common + ["--preset", "toy_tiny", "--variant", "", "--variant",
+                                          "train.steps=1", "--out", str(out)]) == 0
+    preset, short = json.loads(out.read_text())["variants"]
+    assert preset["overrides"] == [] and preset["map"] == "squared_cam"
+    assert preset["miou"] == pytest.approx(json.loads(reference.read_text())["methods"]["toy"]["seed_eval"])
+    # One step instead of four: a different model, so a different score.
+    assert short["overrides"] == ["train.steps=1"] and short["miou"] != pytest.approx(preset["miou"])
