@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -75,6 +76,18 @@ def toy_method(tmp_path):
 
 
 @pytest.fixture(scope="module")
+def benchmarks():
+    """The benchmark scripts (``benchmarks/*.py``, run by hand, not a package), imported from their folder."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import pipeline
+        import recipe_ablation
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return SimpleNamespace(pipeline=pipeline, recipe_ablation=recipe_ablation)
+
+
+@pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     make_synthetic(root, size=64, num_train=16, num_val=8, num_classes=3, seed=0)
@@ -107,12 +120,8 @@ def test_registered_method_trains_with_wsss_train(toy_method, synthetic, tmp_pat
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
-def test_registered_method_is_scored_by_the_pipeline(toy_method, synthetic, tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import pipeline
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+def test_registered_method_is_scored_by_the_pipeline(benchmarks, toy_method, synthetic, tmp_path):
+    pipeline = benchmarks.pipeline
     out = tmp_path / "pipeline.json"
     argv = ["--data", str(synthetic), "--train-split", "train", "--eval-split", "val", "--methods", "toy",
             "--recipe", "tiny", "--weights", "none", "--maps", "cam", "squared_cam", "--run-root",
@@ -132,14 +141,10 @@ def test_registered_method_is_scored_by_the_pipeline(toy_method, synthetic, tmp_
     assert again["methods"] == result["methods"] and again["maps"] == result["maps"]
 
 
-def test_pipeline_tests_segmentation_the_papers_way_on_resume(toy_method, synthetic, tmp_path):
+def test_pipeline_tests_segmentation_the_papers_way_on_resume(benchmarks, toy_method, synthetic, tmp_path):
     """``--segment-scales/--segment-flip/--segment-crf`` add ``segment_eval_test`` to a finished run without
     training again, equal to ``wsss predict`` + ``wsss eval`` with the same views and CRF."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import pipeline
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    pipeline = benchmarks.pipeline
     out, runs = tmp_path / "pipeline.json", tmp_path / "runs"
     argv = ["--data", str(synthetic), "--train-split", "train", "--eval-split", "val", "--methods", "toy",
             "--recipe", "tiny", "--weights", "none", "--maps", "cam", "--run-root", str(runs), "--out", str(out)]
@@ -191,14 +196,11 @@ def test_pipeline_tests_segmentation_the_papers_way_on_resume(toy_method, synthe
     assert model_file.stat().st_mtime_ns == trained_at
 
 
-def test_pipeline_tests_the_model_it_just_trained_without_reloading(toy_method, synthetic, tmp_path, monkeypatch):
+def test_pipeline_tests_the_model_it_just_trained_without_reloading(benchmarks, toy_method, synthetic, tmp_path,
+                                                                    monkeypatch):
     """With the test protocol from the start, each segmentation model is built once: the test stage scores the
     trainer the one-view stage trained. An unknown CRF preset is refused by the command line."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import pipeline
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    pipeline = benchmarks.pipeline
     built = []
     real = wsss_pipeline.segment_trainer
     monkeypatch.setattr(wsss_pipeline, "segment_trainer", lambda *a, **k: built.append(a[1]) or real(*a, **k))
@@ -215,15 +217,10 @@ def test_pipeline_tests_the_model_it_just_trained_without_reloading(toy_method, 
         assert 0 <= row["segment_eval_test"] <= 1
 
 
-def test_recipe_ablation_scores_each_variant_like_the_pipeline(toy_method, synthetic, tmp_path):
+def test_recipe_ablation_scores_each_variant_like_the_pipeline(benchmarks, toy_method, synthetic, tmp_path):
     """``benchmarks/recipe_ablation.py``: the preset itself scores what the pipeline's ``seed_eval`` gives for the
     same run, and a changed setting is trained and scored with that setting."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import pipeline
-        import recipe_ablation
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    pipeline, recipe_ablation = benchmarks.pipeline, benchmarks.recipe_ablation
     common = ["--data", str(synthetic), "--train-split", "train", "--eval-split", "val", "--weights", "none"]
     reference = tmp_path / "pipeline.json"
     assert pipeline.main(common + ["--methods", "toy", "--recipe", "tiny", "--maps", "squared_cam", "--segment",
