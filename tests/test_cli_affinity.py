@@ -30,7 +30,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     run = tmp / "run"
     # The true masks stand in for confident labels (data.mask_dir unset: SegmentationClass).
     assert main(["affinity", "train", "--config", "affinity_msrc", f"data.root={data}", f"run_dir={run}",
-                 *TINY]) == 0
+                 *TINY, "method.walk_beta=32"]) == 0
     maps_dir = tmp / "maps"
     dataset = VOCDataset(data, "train")
     rng = np.random.default_rng(0)
@@ -75,6 +75,34 @@ def test_walk_writes_the_library_labels_and_resumes(trained, capsys):
     assert main(argv) == 0
     assert "wrote 0 random-walk labels" in capsys.readouterr().out
     assert main(argv[:-6] + ["--beta", "8", "--device", "cpu"]) == 2  # other settings: refused without --overwrite
+
+
+def test_walk_defaults_to_the_walk_the_run_records(trained, capsys):
+    """The run records walk_beta 32 (and affinity_msrc's walk_log_steps 6): without --beta/--logt the walk uses
+    them, not PSA's beta 8."""
+    out = trained["tmp"] / "walked_default"
+    assert main(["affinity", "walk", "--checkpoint", str(trained["run"]), "--maps", str(trained["maps"]), "--data",
+                 str(trained["data"]), "--split", "train", "--out", str(out), "--limit", "1", "--device", "cpu"]) == 0
+    settings = json.loads((out / "wsss-manifest.json").read_text())["settings"]
+    assert (settings["beta"], settings["log_steps"]) == (32.0, 6)
+    model, spec = checkpoint.load(trained["run"])
+    dataset = VOCDataset(trained["data"], "train")
+    image, _ = eval_transforms(None, spec.mean, spec.std)(dataset.load_image(0))
+    from wsss.data.io import load_maps
+
+    maps, classes = load_maps(trained["maps"] / f"{dataset.ids[0]}.npz")
+    expected = walk_label(model, image, torch.from_numpy(maps), classes, WalkSettings(0.39, 32.0, 6))
+    assert np.array_equal(read_mask(out / f"{dataset.ids[0]}.png"), expected.numpy())
+
+
+def test_walk_settings_of_a_run_fall_back_to_psa_and_yield_to_explicit_values():
+    from wsss.pseudo.random_walk import walk_settings_of
+
+    assert walk_settings_of({"method": {"name": "affinity"}}, 0.3) == WalkSettings(0.3, 8.0, 6)  # an older run
+    assert walk_settings_of(None) == WalkSettings()
+    recorded = {"method": {"walk_beta": 32, "walk_log_steps": 4}}
+    assert walk_settings_of(recorded, 0.2) == WalkSettings(0.2, 32.0, 4)
+    assert walk_settings_of(recorded, 0.2, beta=2.0, log_steps=1) == WalkSettings(0.2, 2.0, 1)
 
 
 def test_other_commands_refuse_an_affinitynet(trained, capsys):

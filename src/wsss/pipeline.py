@@ -60,7 +60,7 @@ from .methods import REGISTRY, Method, get_method
 from .models.segmenter import Segmenter
 from .models.checkpoint import MODEL_FILE
 from .pseudo.generate import PseudoSettings, pseudo_label_for
-from .pseudo.random_walk import WalkSettings, walk_split
+from .pseudo.random_walk import walk_settings_of, walk_split
 from .refine.affinity import PSA_BACKGROUND
 from .refine.crf import crf_params
 from .segment.predict import checked_fusion, predict_split
@@ -307,7 +307,7 @@ def psa_masks(settings: PipelineSettings, dataset: VOCDataset, run: Path, thresh
     write_pseudo_labels(confident, dataset, confident_dir)
     trainer = train_run(f"affinity_{settings.recipe_name}", run / "affinity", settings,
                         [f"data.mask_dir={confident_dir}"])
-    walk = WalkSettings(background=PSA_BACKGROUND if threshold is None else float(threshold))
+    walk = walk_settings_of(trainer.cfg, PSA_BACKGROUND if threshold is None else float(threshold))
     walk_split(trainer.model, dataset, run / "maps_train", walk_dir, walk, trainer.mean, trainer.std, trainer.device,
                progress=False)
     return {"confident": label_scores(dataset, confident_dir), "pseudo_train": label_scores(dataset, walk_dir),

@@ -18,7 +18,7 @@ from ..data.manifest import check_output_folder, checkpoint_digest, identity_of
 from ..data.voc import VOCDataset
 from ..errors import CheckpointError, ConfigError, DataError
 from ..models import checkpoint
-from ..pseudo.random_walk import WalkSettings, walk_split
+from ..pseudo.random_walk import walk_settings_of, walk_split
 from ..refine.affinity import PSA_BACKGROUND, PSA_BETA, PSA_LOGT
 from ..train.config import load_config
 from . import options, sharding
@@ -59,8 +59,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     walk.add_argument("--out", required=True, type=Path, help="folder for the <id>.png labels")
     walk.add_argument("--threshold", type=options.fraction, default=PSA_BACKGROUND,
                       help="constant background score in front of the maps (AReAM's bg_thr)")
-    walk.add_argument("--beta", type=options.positive_float, default=PSA_BETA, help="power of the affinity")
-    walk.add_argument("--logt", type=options.non_negative_int, default=PSA_LOGT, help="2^logt random-walk steps")
+    walk.add_argument("--beta", type=options.positive_float, default=None,
+                      help=f"power of the affinity (default: the run's method.walk_beta; PSA's {PSA_BETA:g})")
+    walk.add_argument("--logt", type=options.non_negative_int, default=None,
+                      help=f"2^logt random-walk steps (default: the run's method.walk_log_steps; PSA's {PSA_LOGT})")
     walk.add_argument("--overwrite", action="store_true",
                       help="start over: delete the files the manifest of --out lists, even if made with other settings")
     options.add_normalization(walk)
@@ -91,7 +93,7 @@ def run_walk(args: argparse.Namespace) -> int:
     options.check_classes(spec, dataset.classes.names, source, args.data)
     mean, std = options.normalization(args, spec, source)
     check_output_folder(args.out, dataset.root, dataset.mask_dir, inputs=[(args.maps, "--maps folder")])
-    settings = WalkSettings(background=args.threshold, beta=args.beta, log_steps=args.logt)
+    settings = walk_settings_of(spec.config, args.threshold, args.beta, args.logt)
     made_by = {**settings.describe(), "checkpoint_sha256": checkpoint_digest(source), "mean": list(mean),
                "std": list(std), "maps_made_by": identity_of(args.maps)}
     indices = shard.take(options.limited(range(len(dataset)), args.limit))

@@ -16,7 +16,7 @@ from .labels import (
     two_threshold_labels,
 )
 from .generate import RULES
-from .random_walk import WalkSettings, walk_label, walk_split
+from .random_walk import WalkSettings, walk_label, walk_settings_of, walk_split
 from .morphology import binary_opening
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "sorted_by_label",
     "two_threshold_labels",
     "walk_label",
+    "walk_settings_of",
     "walk_split",
     "WalkSettings",
     "with_background",

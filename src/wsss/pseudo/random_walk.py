@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,16 @@ class WalkSettings:
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def walk_settings_of(config: Mapping[str, Any] | None, background: float = PSA_BACKGROUND,
+                     beta: float | None = None, log_steps: int | None = None) -> WalkSettings:
+    """The walk an AffinityNet run's resolved ``config`` asks for (its ``method.walk_beta`` and
+    ``method.walk_log_steps``; PSA's 8 and 6 for a run that names none), where ``beta``/``log_steps`` are not given."""
+    method = (config or {}).get("method") or {}
+    return WalkSettings(background=background,
+                        beta=float(method.get("walk_beta", PSA_BETA) if beta is None else beta),
+                        log_steps=int(method.get("walk_log_steps", PSA_LOGT) if log_steps is None else log_steps))
 
 
 def feature_stride(model: nn.Module) -> int:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ...data.classes import ClassSet
 from ...errors import ConfigError
 from ...models.affinitynet import PSA_RADIUS, build_affinity_net, pair_affinity
+from ...refine.affinity import PSA_BETA, PSA_LOGT
 from ..registry import MethodOptions
 from .pairs import affinity_loss, pair_labels
 
@@ -26,6 +27,10 @@ class AffinityOptions(MethodOptions):
 
     radius: int = Field(PSA_RADIUS, ge=2)  # pairs closer than this many feature cells (PSA: 5 at stride 8)
     levels: list[int] | None = None  # ViT blocks the head reads (default 5, 8, 11 of 12, scaled); unused on ResNet-38
+    # The random walk this AffinityNet is used with: the checkpoint records it, and `wsss affinity walk` and the
+    # pipeline walk with it unless told otherwise (random_walk.walk_settings_of).
+    walk_beta: float = Field(PSA_BETA, gt=0)  # power of the affinity
+    walk_log_steps: int = Field(PSA_LOGT, ge=0)  # 2^walk_log_steps steps
 
 
 class AffinityObjective:
