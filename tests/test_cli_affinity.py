@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from wsss.cli.main import main
-from wsss.data.io import read_mask, save_maps
+from wsss.data.io import load_maps, read_mask, save_maps
 from wsss.data.synth import make_synthetic
 from wsss.data.transforms import eval_transforms
 from wsss.data.voc import VOCDataset
 from wsss.models import checkpoint
-from wsss.pseudo.random_walk import WalkSettings, walk_label
+from wsss.pseudo.random_walk import WalkSettings, walk_label, walk_settings_of
 
 TINY = ["model.name=vit_nano_patch16", "model.weights=null", "train.steps=6", "train.ckpt_every=3",
         "data.batch_size=2", "data.num_workers=0", "data.transforms.crop=96", "data.transforms.random_scale=null",
@@ -42,6 +42,19 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     return {"data": data, "run": run, "maps": maps_dir, "tmp": tmp}
 
 
+def library_walk(trained: dict[str, Path], settings: WalkSettings, limit: int | None = None) -> dict[str, np.ndarray]:
+    """What the library's walk_label gives for the first ``limit`` train images of the fixture, by image id."""
+    model, spec = checkpoint.load(trained["run"])
+    dataset = VOCDataset(trained["data"], "train")
+    transform = eval_transforms(None, spec.mean, spec.std)
+    out = {}
+    for i, image_id in enumerate(dataset.ids[:limit]):
+        image, _ = transform(dataset.load_image(i))
+        maps, classes = load_maps(trained["maps"] / f"{image_id}.npz")
+        out[image_id] = walk_label(model, image, torch.from_numpy(maps), classes, settings).numpy()
+    return out
+
+
 def test_train_writes_an_affinity_checkpoint_and_logs_psas_terms(trained):
     model, spec = checkpoint.load(trained["run"])
     assert spec.task == "affinity" and not spec.is_segmenter and spec.method == "affinity"
@@ -60,16 +73,9 @@ def test_walk_writes_the_library_labels_and_resumes(trained, capsys):
             "cpu"]
     assert main(argv) == 0
     assert "wrote 4 random-walk labels" in capsys.readouterr().out
-    model, spec = checkpoint.load(trained["run"])
-    dataset = VOCDataset(trained["data"], "train")
-    transform = eval_transforms(None, spec.mean, spec.std)
-    from wsss.data.io import load_maps
-
-    for i, image_id in enumerate(dataset.ids):
-        image, _ = transform(dataset.load_image(i))
-        maps, classes = load_maps(trained["maps"] / f"{image_id}.npz")
-        expected = walk_label(model, image, torch.from_numpy(maps), classes, WalkSettings(0.39, 4.0, 3))
-        assert np.array_equal(read_mask(out / f"{image_id}.png"), expected.numpy())
+    expected = library_walk(trained, WalkSettings(0.39, 4.0, 3))
+    for image_id, labels in expected.items():
+        assert np.array_equal(read_mask(out / f"{image_id}.png"), labels)
     settings = json.loads((out / "wsss-manifest.json").read_text())["settings"]
     assert (settings["beta"], settings["log_steps"], settings["background"]) == (4.0, 3, 0.39)
     assert main(argv) == 0
@@ -85,19 +91,11 @@ def test_walk_defaults_to_the_walk_the_run_records(trained, capsys):
                  str(trained["data"]), "--split", "train", "--out", str(out), "--limit", "1", "--device", "cpu"]) == 0
     settings = json.loads((out / "wsss-manifest.json").read_text())["settings"]
     assert (settings["beta"], settings["log_steps"]) == (32.0, 6)
-    model, spec = checkpoint.load(trained["run"])
-    dataset = VOCDataset(trained["data"], "train")
-    image, _ = eval_transforms(None, spec.mean, spec.std)(dataset.load_image(0))
-    from wsss.data.io import load_maps
-
-    maps, classes = load_maps(trained["maps"] / f"{dataset.ids[0]}.npz")
-    expected = walk_label(model, image, torch.from_numpy(maps), classes, WalkSettings(0.39, 32.0, 6))
-    assert np.array_equal(read_mask(out / f"{dataset.ids[0]}.png"), expected.numpy())
+    image_id, labels = next(iter(library_walk(trained, WalkSettings(0.39, 32.0, 6), limit=1).items()))
+    assert np.array_equal(read_mask(out / f"{image_id}.png"), labels)
 
 
 def test_walk_settings_of_a_run_fall_back_to_psa_and_yield_to_explicit_values():
-    from wsss.pseudo.random_walk import walk_settings_of
-
     assert walk_settings_of({"method": {"name": "affinity"}}, 0.3) == WalkSettings(0.3, 8.0, 6)  # an older run
     assert walk_settings_of(None) == WalkSettings()
     recorded = {"method": {"walk_beta": 32, "walk_log_steps": 4}}
